@@ -1,0 +1,40 @@
+"""`jaxtune` command line: wiring only. Each area registers its subcommands; heavy imports stay lazy."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, register function) per top-level command group; each adds its own subparser(s).
+_TOP_LEVEL = (
+    ("jaxtune.cli_model", "register"),
+)
+# Subcommands of `jaxtune eval …` (loss, ifeval, forgetting, report).
+_EVAL = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module, fn in _TOP_LEVEL:
+        getattr(importlib.import_module(module), fn)(sub)
+    if _EVAL:
+        ev = sub.add_parser("eval", help="evaluate a model: loss, ifeval, forgetting, report")
+        ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+        for module, fn in _EVAL:
+            getattr(importlib.import_module(module), fn)(ev_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""HF ↔ jaxtune: the name tables, checkpoint loading and saving."""

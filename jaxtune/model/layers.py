@@ -1,0 +1,119 @@
+"""Building blocks with HF parameter names and layouts: Linear (with optional LoRA), Embed, RMSNorm, RoPE, MLP.
+
+Weights keep HF's `[out, in]` layout so HF↔NNX mapping is a rename, and every parameter declares its
+logical axes once (`axes=` metadata) for `model/sharding.py` to map onto a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtune.model.config import ModelConfig
+
+Array = jax.Array
+
+
+def _normal(rngs: nnx.Rngs, shape, std, dtype):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """`y = x Wᵀ (+ b) + scale · dropout(x) Aᵀ Bᵀ`; LoRA leaves (PEFT layout) are absent until `lora.apply_lora`."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, axes: tuple[str, str],
+                 dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), std, param_dtype), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype), axes=(axes[0],)) if bias else None
+        self.lora_A: nnx.LoRAParam | None = None
+        self.lora_B: nnx.LoRAParam | None = None
+        self.lora_scale = 0.0
+        self.lora_dropout = 0.0
+
+    def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_A is not None:
+            h = x
+            if self.lora_dropout > 0.0 and dropout_rng is not None:
+                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
+                h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+            h = jnp.einsum("...i,ri->...r", h, self.lora_A[...].astype(self.dtype))
+            h = jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
+            y = y + (h * self.lora_scale).astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
+        self.dtype = dtype
+        self.weight = nnx.Param(_normal(rngs, (vocab, dim), std, param_dtype), axes=("vocab", "embed"))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        """Tied output head: logits against the embedding table."""
+        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(self.dtype))
+
+
+class RMSNorm(nnx.Module):
+    """HF semantics: normalise in fp32, cast back to the input dtype, then scale."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, axes=("embed",)):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+
+    def __call__(self, x: Array) -> Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> Array:
+    """Inverse frequencies incl. `linear` and `llama3` scaling, computed exactly as transformers does (fp32)."""
+    dim = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    if cfg.rope_type == "linear":
+        inv = inv / cfg.rope_factor
+    elif cfg.rope_type == "llama3":
+        old = cfg.rope_original_max_position
+        lo, hi, factor = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """rotate_half RoPE (HF layout) on `x[B, T, H, D]` at integer `positions[B, T]`."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(d, f, bias=b, axes=("mlp", "embed"), **kw)
+        self.up_proj = Linear(d, f, bias=b, axes=("mlp", "embed"), **kw)
+        self.down_proj = Linear(f, d, bias=b, axes=("embed", "mlp"), **kw)
+
+    def __call__(self, x: Array, rngs: tuple | None = None) -> Array:
+        r = rngs or (None,) * 3
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, r[0])) * self.up_proj(x, r[1]), r[2])

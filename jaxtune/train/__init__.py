@@ -1,0 +1,1 @@
+"""Training: optimizer, loss, jitted steps, loop, checkpoints."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: 8 fake CPU devices (set before jax is imported), asset paths, tiny HF models."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+ASSETS = Path(os.environ.get("JAXTUNE_ASSETS", Path(__file__).resolve().parents[1].parent / "shared" / "assets"))
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> Path:
+    if not (ASSETS / "models" / "stories260K-hf").is_dir():
+        pytest.skip(f"real assets not found at {ASSETS} (set JAXTUNE_ASSETS)")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def stories_dir(assets_dir) -> Path:
+    return assets_dir / "models" / "stories260K-hf"
+
+
+class _Zoo:
+    """Builds each tiny HF variant once per test session: `zoo(name) -> (model_dir, torch_model)`."""
+
+    def __init__(self, root: Path):
+        self.root, self.cache = root, {}
+
+    def __call__(self, name: str):
+        if name not in self.cache:
+            from hf_models import build
+
+            path = self.root / name
+            self.cache[name] = (path, build(name, path))
+        return self.cache[name]
+
+
+@pytest.fixture(scope="session")
+def hf_zoo(tmp_path_factory) -> _Zoo:
+    return _Zoo(tmp_path_factory.mktemp("hf_zoo"))
