@@ -2,7 +2,21 @@
 
 __version__ = "0.1.0"
 
-from jaxtune.convert.hf_load import load_config, load_pretrained, load_tokenizer  # noqa: E402
-from jaxtune.model import ModelConfig, Transformer  # noqa: E402
+# Lazy public surface: `jaxtune eval ifeval` and other light commands should not pay for importing jax.
+_EXPORTS = {
+    "load_pretrained": "jaxtune.convert.hf_load",
+    "load_tokenizer": "jaxtune.convert.hf_load",
+    "load_config": "jaxtune.convert.hf_load",
+    "ModelConfig": "jaxtune.model.config",
+    "Transformer": "jaxtune.model.transformer",
+    "LoraConfig": "jaxtune.lora",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["ModelConfig", "Transformer", "load_config", "load_pretrained", "load_tokenizer", "__version__"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'jaxtune' has no attribute {name!r}")

@@ -9,9 +9,16 @@ import sys
 # (module, register function) per top-level command group; each adds its own subparser(s).
 _TOP_LEVEL = (
     ("jaxtune.cli_model", "register"),
+    ("jaxtune.data.cli", "register"),
+    ("jaxtune.cli_train", "register"),
+    ("jaxtune.cli_generate", "register"),
 )
 # Subcommands of `jaxtune eval …` (loss, ifeval, forgetting, report).
-_EVAL = ()
+_EVAL = (
+    ("jaxtune.eval.ifeval", "register"),
+    ("jaxtune.eval.rigidity", "register"),
+    ("jaxtune.eval.commands", "register"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Evaluation: instruction-following checks, over-rigidity probes, forgetting and loss metrics."""

@@ -1,0 +1,346 @@
+"""IFEval scoring: strict and loose, prompt- and instruction-level, plus the two figures tuning claims use.
+
+Format adherence = loose instruction-level accuracy over the `detectable_format`, `startend`, `change_case`
+and `punctuation` groups (does the output have the requested shape?). Ignored-constraint rate = 1 - loose
+instruction-level accuracy over all instructions (how often any verifiable constraint is dropped). Both use
+loose scoring so that a chatty first line or markdown emphasis is not counted as ignoring a constraint.
+
+`jaxtune eval ifeval --responses FILE` scores any model's saved outputs ({prompt, response} JSONL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxtune.eval.ifeval_checks import (
+    FORMAT_GROUPS,
+    check_instruction,
+    check_instruction_loose,
+    group_of,
+    validate_instruction,
+)
+
+__all__ = [
+    "IFEvalResult",
+    "PromptResult",
+    "check_instruction",
+    "load_ifeval_inputs",
+    "load_responses",
+    "match_responses",
+    "read_jsonl",
+    "register",
+    "score_responses",
+]
+
+DEFAULT_INPUT_NAME = "ifeval_input_data.jsonl"
+
+
+class IFEvalDataError(ValueError):
+    """A malformed IFEval input or responses file; the message names the file, line and field."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line number, record) for every non-blank line; a bad line raises naming file and line."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise IFEvalDataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object")
+            if not isinstance(record, dict):
+                raise IFEvalDataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            records.append((lineno, record))
+    return records
+
+
+def _parse_input(record: dict, where: str) -> dict:
+    for field, kind in (("prompt", str), ("instruction_id_list", list), ("kwargs", list)):
+        if not isinstance(record.get(field), kind):
+            raise IFEvalDataError(f"{where}: field '{field}' must be a {kind.__name__} (IFEval input format)")
+    ids, kwargs = record["instruction_id_list"], record["kwargs"]
+    if len(ids) != len(kwargs):
+        raise IFEvalDataError(
+            f"{where}: 'instruction_id_list' has {len(ids)} entries but 'kwargs' has {len(kwargs)}; "
+            "give one kwargs object per instruction"
+        )
+    # The Hugging Face copy of IFEval pads every kwargs object with null-valued keys: drop them.
+    clean = [{k: v for k, v in (kw or {}).items() if v is not None} for kw in kwargs]
+    for i, (instruction_id, kw) in enumerate(zip(ids, clean)):
+        try:
+            validate_instruction(instruction_id, kw)
+        except ValueError as e:
+            raise IFEvalDataError(f"{where}: instruction_id_list[{i}]: {e}") from None
+    return {"key": record.get("key"), "prompt": record["prompt"], "instruction_id_list": ids, "kwargs": clean}
+
+
+def _load_inputs_with_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    path = Path(path)
+    return [(n, _parse_input(rec, f"{path}:{n}")) for n, rec in read_jsonl(path)]
+
+
+def load_ifeval_inputs(path: str | os.PathLike) -> list[dict]:
+    """IFEval-format prompts (`key`, `prompt`, `instruction_id_list`, `kwargs`), validated against the checkers."""
+    return [rec for _, rec in _load_inputs_with_lines(path)]
+
+
+def load_responses(path: str | os.PathLike) -> list[tuple[int, dict]]:
+    """(line, {prompt?, response}) records of a responses JSONL; `response` must be a string."""
+    path = Path(path)
+    records = read_jsonl(path)
+    for n, rec in records:
+        if not isinstance(rec.get("response"), str):
+            raise IFEvalDataError(f"{path}:{n}: field 'response' must be a string (records are {{prompt, response}})")
+        if "prompt" in rec and not isinstance(rec["prompt"], str):
+            raise IFEvalDataError(f"{path}:{n}: field 'prompt' must be a string")
+    return records
+
+
+def match_responses(
+    inputs: Sequence[tuple[int, dict]],
+    responses: Sequence[tuple[int, dict]],
+    input_path: str | os.PathLike = "<inputs>",
+    responses_path: str | os.PathLike = "<responses>",
+) -> list[str]:
+    """One response per input, found by exact prompt text; by order only when no prompt text matches at all.
+
+    Order is the fallback for files whose prompts were rewritten (e.g. wrapped in a chat template) or
+    omitted; it requires the two files to have the same number of records.
+    """
+    by_prompt = {rec["prompt"]: rec["response"] for _, rec in responses if "prompt" in rec}
+    found = [inp["prompt"] in by_prompt for _, inp in inputs]
+    if any(found):
+        for (lineno, inp), ok in zip(inputs, found):
+            if not ok:
+                raise IFEvalDataError(
+                    f"{input_path}:{lineno}: no record in {responses_path} has this prompt "
+                    f"(key {inp['key']}, starts {inp['prompt'][:60]!r}); add a {{prompt, response}} record "
+                    "with the prompt text unchanged"
+                )
+        return [by_prompt[inp["prompt"]] for _, inp in inputs]
+    if len(responses) != len(inputs):
+        raise IFEvalDataError(
+            f"{responses_path}: no prompt matches {input_path} and the files have {len(responses)} vs "
+            f"{len(inputs)} records, so they cannot be paired by order either; write one "
+            "{prompt, response} record per input prompt"
+        )
+    print(f"note: no prompt in {responses_path} matches {input_path}; pairing records by order", file=sys.stderr)
+    return [rec["response"] for _, rec in responses]
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptResult:
+    key: Any
+    prompt: str
+    response: str
+    instruction_id_list: list[str]
+    strict: list[bool]
+    loose: list[bool]
+
+    @property
+    def followed_all_strict(self) -> bool:
+        return all(self.strict)
+
+    @property
+    def followed_all_loose(self) -> bool:
+        return all(self.loose)
+
+    def to_dict(self) -> dict:
+        return {
+            **dataclasses.asdict(self),
+            "followed_all_strict": self.followed_all_strict,
+            "followed_all_loose": self.followed_all_loose,
+        }
+
+
+def _accuracy(flags: Iterable[bool]) -> float | None:
+    flags = list(flags)
+    return sum(flags) / len(flags) if flags else None
+
+
+def _breakdown(rows: Sequence[PromptResult], name) -> dict[str, dict]:
+    """Per-name strict/loose instruction accuracy, where `name` maps an instruction id to its bucket."""
+    buckets: dict[str, dict[str, list[bool]]] = {}
+    for row in rows:
+        for instruction_id, s, lo in zip(row.instruction_id_list, row.strict, row.loose):
+            b = buckets.setdefault(name(instruction_id), {"strict": [], "loose": []})
+            b["strict"].append(s)
+            b["loose"].append(lo)
+    return {
+        k: {"count": len(v["strict"]), "strict": _accuracy(v["strict"]), "loose": _accuracy(v["loose"])}
+        for k, v in sorted(buckets.items())
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class IFEvalResult:
+    """Accuracies are fractions in [0, 1]; None where nothing was scored."""
+
+    prompt_strict: float | None
+    instruction_strict: float | None
+    prompt_loose: float | None
+    instruction_loose: float | None
+    format_adherence: float | None
+    ignored_constraint_rate: float | None
+    num_prompts: int
+    num_instructions: int
+    by_instruction: dict[str, dict]
+    by_group: dict[str, dict]
+    rows: list[PromptResult]
+
+    def summary(self) -> dict:
+        """Everything but the per-prompt rows (the stable schema of the summary JSON)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rows"}
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "rows": [row.to_dict() for row in self.rows]}
+
+
+def score_responses(inputs: Sequence[dict], responses: dict[str, str] | Sequence[str]) -> IFEvalResult:
+    """Score responses against IFEval inputs; `responses` maps prompt text to response, or is in input order."""
+    if isinstance(responses, dict):
+        missing = [i for i, inp in enumerate(inputs) if inp["prompt"] not in responses]
+        if missing:
+            inp = inputs[missing[0]]
+            raise IFEvalDataError(
+                f"input record {missing[0]} (key {inp.get('key')}) has no response: the responses mapping "
+                f"lacks prompt {inp['prompt'][:60]!r} ({len(missing)} prompts missing in all)"
+            )
+        ordered = [responses[inp["prompt"]] for inp in inputs]
+    else:
+        ordered = list(responses)
+        if len(ordered) != len(inputs):
+            raise IFEvalDataError(f"got {len(ordered)} responses for {len(inputs)} inputs; give one per input")
+    rows = []
+    for inp, response in zip(inputs, ordered):
+        pairs = list(zip(inp["instruction_id_list"], inp["kwargs"]))
+        rows.append(
+            PromptResult(
+                key=inp.get("key"),
+                prompt=inp["prompt"],
+                response=response,
+                instruction_id_list=list(inp["instruction_id_list"]),
+                strict=[check_instruction(i, kw, inp["prompt"], response) for i, kw in pairs],
+                loose=[check_instruction_loose(i, kw, inp["prompt"], response) for i, kw in pairs],
+            )
+        )
+    flat = [(i, lo) for row in rows for i, lo in zip(row.instruction_id_list, row.loose)]
+    instruction_loose = _accuracy(lo for _, lo in flat)
+    return IFEvalResult(
+        prompt_strict=_accuracy(row.followed_all_strict for row in rows),
+        instruction_strict=_accuracy(s for row in rows for s in row.strict),
+        prompt_loose=_accuracy(row.followed_all_loose for row in rows),
+        instruction_loose=instruction_loose,
+        format_adherence=_accuracy(lo for i, lo in flat if group_of(i) in FORMAT_GROUPS),
+        ignored_constraint_rate=None if instruction_loose is None else 1.0 - instruction_loose,
+        num_prompts=len(rows),
+        num_instructions=len(flat),
+        by_instruction=_breakdown(rows, lambda i: i),
+        by_group=_breakdown(rows, group_of),
+        rows=rows,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "   n/a" if x is None else f"{100 * x:6.2f}"
+
+
+def format_report(result: IFEvalResult) -> str:
+    """The headline figures and the per-group table, as printed by `jaxtune eval ifeval`."""
+    lines = [
+        f"prompts: {result.num_prompts}  instructions: {result.num_instructions}",
+        f"prompt-level strict       {_pct(result.prompt_strict)} %",
+        f"instruction-level strict  {_pct(result.instruction_strict)} %",
+        f"prompt-level loose        {_pct(result.prompt_loose)} %",
+        f"instruction-level loose   {_pct(result.instruction_loose)} %",
+        f"format adherence          {_pct(result.format_adherence)} %   (loose, {', '.join(FORMAT_GROUPS)})",
+        f"ignored-constraint rate   {_pct(result.ignored_constraint_rate)} %   (1 - instruction-level loose)",
+        "",
+        f"{'group':<22}{'n':>5}{'strict %':>10}{'loose %':>10}",
+    ]
+    for group, b in result.by_group.items():
+        lines.append(f"{group:<22}{b['count']:>5}{_pct(b['strict']):>10}{_pct(b['loose']):>10}")
+    return "\n".join(lines)
+
+
+def _default_input() -> Path | None:
+    root = os.environ.get("JAXTUNE_ASSETS")
+    candidates = [Path(root) / "data" / DEFAULT_INPUT_NAME] if root else []
+    candidates.append(Path.cwd().parent / "shared" / "assets" / "data" / DEFAULT_INPUT_NAME)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def write_results(result: IFEvalResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write `ifeval_results.jsonl` (one row per prompt) and `ifeval_summary.json`; return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path, summary_path = out / "ifeval_results.jsonl", out / "ifeval_summary.json"
+    with open(rows_path, "w", encoding="utf-8") as f:
+        for row in result.rows:
+            f.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+    summary_path.write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
+    return rows_path, summary_path
+
+
+def run(args: argparse.Namespace) -> int:
+    input_path = Path(args.input) if args.input else _default_input()
+    if input_path is None:
+        print(
+            "error: no IFEval input file given and none found under $JAXTUNE_ASSETS/data or "
+            f"../shared/assets/data; pass --input PATH/{DEFAULT_INPUT_NAME}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        inputs = _load_inputs_with_lines(input_path)
+        responses = match_responses(inputs, load_responses(args.responses), input_path, args.responses)
+    except (OSError, IFEvalDataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = score_responses([inp for _, inp in inputs], responses)
+    out_dir = Path(args.out) if args.out else Path(f"ifeval_{Path(args.responses).stem}")
+    rows_path, summary_path = write_results(result, out_dir)
+    print(format_report(result))
+    print(f"\nper-prompt results: {rows_path}\nsummary: {summary_path}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `ifeval` to the `jaxtune eval` subcommand group."""
+    p = subparsers.add_parser(
+        "ifeval",
+        help="score saved responses with the IFEval instruction checkers",
+        description="Score {prompt, response} JSONL against IFEval prompts: strict/loose, prompt/instruction "
+        "level, format adherence and ignored-constraint rate. Writes per-prompt results and a summary.",
+    )
+    p.add_argument("--responses", required=True, help="JSONL of {prompt, response} records")
+    p.add_argument(
+        "--input",
+        help=f"IFEval input JSONL (default: $JAXTUNE_ASSETS/data/{DEFAULT_INPUT_NAME} or ../shared/assets/data/)",
+    )
+    p.add_argument("--out", help="output directory (default: ./ifeval_<responses file stem>)")
+    p.set_defaults(func=run)
