@@ -10,6 +10,7 @@ import sys
 _TOP_LEVEL = (
     ("jaxtune.cli_model", "register"),
     ("jaxtune.data.cli", "register"),
+    ("jaxtune.cli_lora", "register"),
     ("jaxtune.cli_train", "register"),
     ("jaxtune.cli_generate", "register"),
 )
