@@ -11,6 +11,7 @@ _TOP_LEVEL = (
     ("jaxtune.cli_model", "register"),
     ("jaxtune.data.cli", "register"),
     ("jaxtune.cli_lora", "register"),
+    ("jaxtune.curate.cli", "register"),
     ("jaxtune.cli_train", "register"),
     ("jaxtune.cli_generate", "register"),
 )

@@ -74,7 +74,7 @@ def test_json_array_records_carry_their_line_numbers(tmp_path):
     path.write_text('[\n  {"instruction": "a", "output": "b"},\n\n  {"instruction": "c",\n   "output": "d"},'
                     '  {"instruction": "e", "output": "f"}\n]\n')
     convs, _ = load_records(path)
-    assert [c.source for c in convs] == [f"{path}:2", f"{path}:4", f"{path}:5"]
+    assert [c.source for c in convs] == [f"{path}:2 record 0", f"{path}:4 record 1", f"{path}:5 record 2"]
 
 
 def test_json_file_of_lines_or_single_object(tmp_path):

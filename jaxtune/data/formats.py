@@ -123,6 +123,7 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[str, o
 
     if text[pos:pos + 1] == "]":
         return
+    index = 0
     while True:
         try:
             record, end = decoder.raw_decode(text, pos)
@@ -130,7 +131,9 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[str, o
             raise RecordError(f"{path}:{e.lineno}", None,
                               f"{e.msg} at column {e.colno}; a JSON array cannot be read past this point "
                               "(store the data as JSONL to skip single bad lines)", "invalid JSON") from None
-        yield f"{path}:{line_at(pos)}", record
+        # The record index too: a one-line JSON array would otherwise name every record `file:1`.
+        yield f"{path}:{line_at(pos)} record {index}", record
+        index += 1
         pos = ws.match(text, end).end()
         sep = text[pos:pos + 1]
         if sep == "]":
