@@ -82,3 +82,85 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: dict | None = None):
 
 def batch_sharding(mesh: Mesh, rules: dict | None = None) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", None), rules, mesh))
+
+
+def batch_spec(ndim: int = 2, accum: bool = False, rules: dict | None = None, mesh: Mesh | None = None) -> P:
+    """Spec for a `[B, T]` batch (or `[K, B, T]` gradient-accumulation batch): examples over data×fsdp."""
+    axes = (None, "batch") if accum else ("batch",)
+    return logical_to_spec((*axes, *(None,) * (ndim - len(axes))), rules, mesh)
+
+
+def shard_batch(batch: dict, mesh: Mesh, accum: bool = False, rules: dict | None = None) -> dict:
+    """Host numpy batch → global arrays sharded over data×fsdp. Each process passes its local rows, so the
+    same call serves one CPU and a multi-host slice."""
+    out = {}
+    for name, arr in batch.items():
+        arr = np.asarray(arr)
+        sharding = NamedSharding(mesh, batch_spec(arr.ndim, accum, rules, mesh))
+        out[name] = jax.make_array_from_process_local_data(sharding, arr)
+    return out
+
+
+def activation_spec(ndim: int = 3, rules: dict | None = None, mesh: Mesh | None = None) -> P:
+    """`[B, T, …]` activations: batch over data×fsdp, the rest left to the compiler."""
+    return logical_to_spec(("batch", *(None,) * (ndim - 1)), rules, mesh)
+
+
+def constrain_activations(x: jax.Array, mesh: Mesh | None, rules: dict | None = None) -> jax.Array:
+    """Pin activations to the batch layout inside jit, so GSPMD does not guess a different one."""
+    if mesh is None or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, activation_spec(x.ndim, rules, mesh)))
+
+
+def tree_shardings(tree, mesh: Mesh, rules: dict | None = None):
+    """Sharding per leaf of any tree that mixes Variables (placed by their `axes`) and plain arrays
+    (replicated): parameter states and optimizer states alike. Usable as jit in/out shardings."""
+    replicated = NamedSharding(mesh, P())
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            return variable_sharding(x, mesh, rules)
+        return replicated
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def check_rules(state: nnx.State, mesh: Mesh, rules: dict | None = None) -> dict[str, P]:
+    """Resolve every parameter's spec up front, naming the parameter whose axes break a rule."""
+    specs = {}
+    for path, var in nnx.to_flat_state(state):
+        name = "/".join(map(str, path))
+        axes = var.get_metadata().get("axes") or (None,) * var.ndim
+        if len(axes) != var.ndim:
+            raise ValueError(f"parameter {name}: axes {axes} do not match its shape {tuple(var.shape)}")
+        try:
+            specs[name] = logical_to_spec(axes, rules, mesh, tuple(var.shape))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"parameter {name}: {e}") from None
+    return specs
+
+
+_DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+_CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")
+
+
+def is_multiprocess_env(env: dict) -> bool:
+    """True when `env` describes a multi-process job: a coordinator address, SLURM/Open MPI with more than
+    one task, or a multi-host TPU slice (several worker hostnames)."""
+    if any(env.get(k) for k in _DISTRIBUTED_ENV):
+        return True
+    if any(int(env.get(k) or 1) > 1 for k in _CLUSTER_SIZE_ENV):
+        return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def maybe_initialize_distributed() -> bool:
+    """`jax.distributed.initialize()` (which reads the cluster from the environment) for multi-process
+    jobs; a no-op on one host, so single-host runs need no flags. Call before touching `jax.devices()`."""
+    import os
+
+    if not is_multiprocess_env(dict(os.environ)) or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True

@@ -1,0 +1,220 @@
+"""Shared by `scripts/bench_*.py`: model presets, synthetic batches, timing summaries, peak memory, the
+software/machine record and markdown tables.
+
+Imports only the standard library and numpy, so a benchmark's PyTorch side never loads JAX (and the other
+way round): each side runs in its own process and its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# Llama-architecture shapes (transformers `LlamaConfig` keyword arguments); weights are random.
+PRESETS: dict[str, dict] = {
+    # stories260K (the real asset's config)
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=8, tie_word_embeddings=True, rms_norm_eps=1e-5,
+                 rope_theta=10000.0, max_position_embeddings=512),
+    # SmolLM-135M
+    "small": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                  num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=2048),
+    # Llama-3.2-1B (without its llama3 rope scaling, which costs nothing at these lengths)
+    "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+               rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192),
+    # Llama-3-8B
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
+               rms_norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=8192),
+}
+
+# Per preset and platform: the run a benchmark does unless flags say otherwise. CPU runs stay short.
+RUN_DEFAULTS: dict[tuple[str, str], dict] = {
+    ("tiny", "cpu"): dict(batch=16, seq=256, dtype="float32", steps=15, warmup=3),
+    ("small", "cpu"): dict(batch=2, seq=256, dtype="float32", steps=3, warmup=1),
+    ("1b", "cpu"): dict(batch=1, seq=128, dtype="float32", steps=2, warmup=1),
+    ("8b", "cpu"): dict(batch=1, seq=128, dtype="bfloat16", steps=1, warmup=1),
+    ("tiny", "gpu"): dict(batch=16, seq=256, dtype="float32", steps=20, warmup=3),
+    ("small", "gpu"): dict(batch=16, seq=1024, dtype="bfloat16", steps=10, warmup=3),
+    ("1b", "gpu"): dict(batch=8, seq=2048, dtype="bfloat16", steps=8, warmup=3),
+    ("8b", "gpu"): dict(batch=1, seq=4096, dtype="bfloat16", steps=5, warmup=2),
+}
+
+
+def hf_config_kwargs(preset: str) -> dict:
+    """`LlamaConfig` keywords for `preset` (transformers 5 reads `rope_theta` through `rope_parameters`)."""
+    kw = dict(PRESETS[preset])
+    theta = kw.pop("rope_theta")
+    return dict(kw, rope_parameters=dict(rope_type="default", rope_theta=theta), hidden_act="silu",
+                attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2)
+
+
+def synthetic_batch(batch: int, seq: int, vocab: int, seed: int) -> dict[str, np.ndarray]:
+    """One full row per example (what packing produces, one document per row): random tokens, next-token
+    targets, every position in the loss. Both sides of a benchmark train on exactly these arrays."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, vocab, (batch, seq + 1), dtype=np.int32)
+    ones = np.ones((batch, seq), np.int32)
+    return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones, "segment_ids": ones,
+            "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+def summarize(step_seconds: list[float], tokens_per_step: float) -> dict:
+    """Tokens/s median, min and max over timed steps."""
+    rates = [tokens_per_step / s for s in step_seconds]
+    return {"tokens_per_s": statistics.median(rates), "tokens_per_s_min": min(rates), "tokens_per_s_max": max(rates),
+            "step_s_median": statistics.median(step_seconds), "timed_steps": len(step_seconds)}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def versions(names=("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "trl", "datasets",
+                    "numpy")) -> dict[str, str | None]:
+    out = {}
+    for n in names:
+        try:
+            out[n] = importlib.metadata.version(n)
+        except importlib.metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def gpu_name() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def gpu_memory_bytes() -> int | None:
+    """Total memory of GPU 0 from nvidia-smi (read without starting any framework)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, timeout=30)
+    return int(out.stdout.split()[0]) * 2**20 if out.returncode == 0 and out.stdout.strip() else None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What ran the benchmark: date, CPU, core count, load, GPU, Python and package versions."""
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": cpu_name(), "cores": os.cpu_count(), "load_1min": load, "gpu": gpu_name(),
+            "python": platform.python_version(), "versions": versions()}
+
+
+def machine_markdown(m: dict) -> str:
+    v = ", ".join(f"{k} {x}" for k, x in m["versions"].items() if x)
+    gpu = f"; GPU: {m['gpu']}" if m.get("gpu") else ""
+    load = f"; 1-min load at start {m['load_1min']:.1f}" if m.get("load_1min") is not None else ""
+    return f"{m['date']}; CPU: {m['cpu']} ({m['cores']} cores){load}{gpu}; Python {m['python']}; {v}"
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+    def cell(x):
+        if x is None:
+            return "–"
+        if isinstance(x, float):
+            return f"{x:,.3g}" if abs(x) < 100 else f"{x:,.0f}"
+        return str(x)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_bytes(n: int | None) -> str | None:
+    if n is None:
+        return None
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale or unit == "MiB":
+            return f"{n / scale:.2f} {unit}"
+    return str(n)
+
+
+def run_worker(argv: list[str], *, timeout: float, env: dict | None = None, python: str | None = None) -> dict:
+    """Run `python argv... --result FILE` in a fresh process; its JSON result, or `{"error": ...}` with the
+    tail of its output when it fails or times out (a benchmark reports the failure and goes on)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [python or sys.executable, *argv, "--result", str(result)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+        except subprocess.TimeoutExpired as e:
+            tail = (e.stdout or b"")[-2000:] if isinstance(e.stdout, bytes) else (e.stdout or "")[-2000:]
+            return {"error": f"timed out after {timeout:.0f} s", "log": str(tail)}
+        if result.exists():
+            out = json.loads(result.read_text())
+            out.setdefault("log", (proc.stderr or "")[-1500:])
+            return out
+        return {"error": f"exit code {proc.returncode}", "log": ((proc.stdout or "") + (proc.stderr or ""))[-3000:]}
+
+
+def write_result(path: str | None, data: dict) -> None:
+    """A worker's last act: its measurements as JSON for the parent."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def flops_per_token(preset_or_cfg, seq: int, mode: str, lora_rank: int = 16) -> tuple[float, int, int]:
+    """`(train FLOPs per token, params, trainable params)` with `train.metrics.train_flops_per_token`, from the
+    analytic parameter count (LoRA all-linear adapters: rank·(in + out) per linear per layer)."""
+    from jaxtune.model.config import from_hf_config
+    from jaxtune.train.metrics import train_flops_per_token
+
+    cfg = preset_or_cfg
+    if isinstance(preset_or_cfg, str):
+        import transformers
+
+        cfg = from_hf_config(transformers.LlamaConfig(**hf_config_kwargs(preset_or_cfg)))
+    n = cfg.num_params()
+    if mode == "lora":
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
+        trainable = lora_rank * per_layer * cfg.num_hidden_layers
+        n += trainable
+    else:
+        trainable = n
+    return train_flops_per_token(cfg, seq, n, trainable), n, trainable
+
+
+def peak_bf16_flops(device_kind: str | None) -> float | None:
+    from jaxtune.train.metrics import PEAK_BF16_FLOPS
+
+    for prefix, flops in PEAK_BF16_FLOPS.items():
+        if device_kind and device_kind.startswith(prefix):
+            return flops
+    return None

@@ -1,0 +1,385 @@
+"""Training recipes: a YAML file → `RecipeConfig`, one dataclass per section, validated on load.
+
+Unknown keys and wrong types fail with the file, line and key path (`quickstart.yaml:12: train.batch_sze:
+unknown key`); `--set train.steps=50` overrides any key before validation. Sections: `model`, `data`
+(`data.config.DataConfig`), `lora` (`lora.LoraConfig`, only with `train.mode: lora`), `optim`
+(`train.optim.OptimConfig`), `train`, `mesh` (`{data: -1}` etc.), `output`, and `forgetting`
+(optional, `eval.forgetting.ForgettingConfig`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from jaxtune.data.config import DataConfig
+from jaxtune.eval.forgetting import ForgettingConfig
+from jaxtune.lora import LoraConfig
+from jaxtune.model.config import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxtune.model.sharding import MESH_AXES
+from jaxtune.train.optim import OptimConfig
+
+DTYPES = ("float32", "bfloat16", "float16")
+NAN_POLICIES = ("skip", "stop")
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run as written: names the file, line and key path, and what to change."""
+
+
+def _need(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """`path`: HF model directory (relative to the working dir, else to the recipe). `dtype` is the compute
+    dtype; `param_dtype` the storage dtype of the weights (default: float32 when `train.mode` is full, i.e.
+    fp32 master weights for a bf16 run, else `dtype`). `add_special_tokens`: tokens the chat template needs
+    that the base lacks or never trained; their embedding rows are trained too."""
+
+    path: str
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    param_dtype: str | None = None
+    scan_layers: bool = False
+    remat: str = "none"
+    attention_impl: str = "auto"
+    add_special_tokens: tuple[str, ...] = ()
+    allow_pickle: bool = False
+
+    def __post_init__(self):
+        _need(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        _need(self.param_dtype is None or self.param_dtype in DTYPES, "model.param_dtype",
+              f"{self.param_dtype!r} is not one of {DTYPES}")
+        _need(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
+        _need(self.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+              f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    """`mode`: lora | full (with `freeze`: dotted sub-paths kept frozen). `steps`: optimizer steps (null:
+    `data.num_epochs` epochs; more steps than that add epochs). `batch_size`: global sequences per optimizer
+    step, split into `optim.grad_accum_steps` micro-batches. `*_every`: in steps, 0 = only at the end
+    (eval, save) or never (forgetting). `keep_best` ranks by eval loss. `nan_policy`: skip a non-finite
+    step (stop after `max_bad_steps` in a row) or stop at the first."""
+
+    mode: str = "lora"
+    freeze: tuple[str, ...] = ()
+    steps: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int | None = None
+    save_every: int = 0
+    keep_last: int = 2
+    keep_best: int = 1
+    log_every: int = 10
+    loss_chunk: int | None = None
+    nan_policy: str = "skip"
+    max_bad_steps: int = 5
+    forgetting_every: int = 0
+    async_checkpoint: bool = True
+
+    def __post_init__(self):
+        _need(self.mode in ("lora", "full"), "train.mode", f"{self.mode!r} is not 'lora' or 'full'")
+        _need(self.nan_policy in NAN_POLICIES, "train.nan_policy", f"{self.nan_policy!r} is not one of {NAN_POLICIES}")
+        _need(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1 (or null for whole epochs)")
+        _need(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        for name in ("eval_every", "save_every", "forgetting_every", "keep_best"):
+            _need(getattr(self, name) >= 0, f"train.{name}", "must be >= 0")
+        for name in ("keep_last", "log_every", "max_bad_steps"):
+            _need(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        _need(self.eval_batches is None or self.eval_batches >= 1, "train.eval_batches", "must be >= 1 or null")
+        _need(self.loss_chunk is None or self.loss_chunk >= 1, "train.loss_chunk", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class OutputSection:
+    """`run_dir` holds checkpoints/, metrics.jsonl, tensorboard/, config.yaml and (with `export`)
+    export/{merged,adapter}."""
+
+    run_dir: str
+    export: bool = False
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelSection
+    data: DataConfig
+    output: OutputSection
+    lora: LoraConfig | None = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    mesh: dict[str, int] = field(default_factory=lambda: {"data": -1})
+    forgetting: ForgettingConfig | None = None
+
+    def __post_init__(self):
+        if self.train.mode == "lora" and self.lora is None:
+            self.lora = LoraConfig()
+        _need(not (self.train.mode == "full" and self.lora is not None), "lora",
+              "a lora: section is set but train.mode is full; remove the section or set train.mode: lora")
+        _need(not (self.train.mode == "lora" and self.train.freeze), "train.freeze",
+              "applies to train.mode: full only (LoRA freezes the base already)")
+        for axis, size in self.mesh.items():
+            _need(axis in MESH_AXES, f"mesh.{axis}", f"unknown mesh axis; expected any of {MESH_AXES}")
+            _need(size == -1 or size >= 1, f"mesh.{axis}", f"size {size} must be >= 1 or -1 (all remaining devices)")
+        _need(list(self.mesh.values()).count(-1) <= 1, "mesh", "at most one axis may be -1")
+        k = self.optim.grad_accum_steps
+        _need(self.train.batch_size % k == 0, "train.batch_size",
+              f"{self.train.batch_size} is not divisible by optim.grad_accum_steps={k}")
+        chunk = self.train.loss_chunk
+        _need(chunk is None or self.data.seq_len % chunk == 0, "train.loss_chunk",
+              f"{chunk} must divide data.seq_len={self.data.seq_len}")
+        _need(not self.train.forgetting_every or self.forgetting is not None, "train.forgetting_every",
+              "needs a forgetting: section (an empty `forgetting: {}` uses the defaults)")
+
+    @property
+    def param_dtype(self) -> str:
+        if self.model.param_dtype:
+            return self.model.param_dtype
+        return "float32" if self.train.mode == "full" else self.model.dtype
+
+
+# ------------------------------------------------------------------------------------------- validation
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict:
+        return "a mapping"
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp, value, key: str):
+    """`value` checked against annotation `tp` (dataclass, Optional/Union, list/tuple/dict, scalars)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for arg in options:
+            try:
+                return _coerce(arg, value, key)
+            except ValueError as e:
+                errors.append(e)
+        deeper = [e for e in errors if len(options) == 1 or str(e).startswith((f"{key}.", f"{key}["))]
+        if deeper:
+            raise deeper[0]
+        names = " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+        raise ValueError(f"{key}: expected {names}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin in (list, tuple):
+        if origin is tuple and isinstance(value, dict) and args and typing.get_origin(args[0]) is tuple:
+            value = list(value.items())
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError(f"{key}: expected {len(args)} items, got {value!r}")
+            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key}: expected a mapping, got {value!r}")
+        kt, vt = args or (Any, Any)
+        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data, key: str = ""):
+    """Build dataclass `cls` from a mapping, refusing unknown keys, missing required keys and wrong types;
+    errors carry the dotted key path."""
+    where = key or "recipe"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        path = f"{key}.{unknown[0]}" if key else str(unknown[0])
+        raise ValueError(f"{path}: unknown key; {where} takes {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{key}.{name}" if key else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ValueError(f"{path}: required key is missing")
+            continue
+        kwargs[name] = _coerce(hints[name], data[name], path)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        msg = str(e)
+        named = not key or msg.startswith((f"{key}.", f"{key}:", f"{key}=")) or ":" in msg.split(" ")[0]
+        raise ValueError(msg if named else f"{key}: {msg}") from None
+
+
+def to_dict(cfg) -> dict:
+    """Plain YAML/JSON-able dict of a (resolved) config: tuples become lists."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(cfg)
+
+
+# ------------------------------------------------------------------------------------------- YAML + overrides
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not the string PyYAML's 1.1 rules give."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def _load_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key path → 1-based line in the YAML text, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                path = f"{prefix}.{k.value}" if prefix else str(k.value)
+                lines[path] = k.start_mark.line + 1
+                walk(v, path)
+
+    try:
+        walk(yaml.compose(text, Loader=_Loader), "")
+    except yaml.YAMLError:
+        pass
+    return lines
+
+
+def _line_for(lines: dict[str, int], msg: str) -> int | None:
+    m = re.match(r"[A-Za-z_][\w.]*", msg)
+    path = m.group(0) if m else ""
+    while path:
+        if path in lines:
+            return lines[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`["train.steps=50", "lora.rank=8"]` → values (parsed as YAML scalars/lists) set at those key paths."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=50")
+        try:
+            parsed = _load_yaml(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+        node = raw
+        *parents, last = key.strip().split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[last] = parsed
+    return raw
+
+
+def resolve_path(value: str, recipe_dir: Path) -> str:
+    """Relative paths: the working directory first, then the recipe's directory; a name found in neither
+    (e.g. a Hub id) is kept as written."""
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    beside = recipe_dir / p
+    return str(beside) if beside.exists() else value
+
+
+def _resolve_paths(raw: dict, recipe_dir: Path) -> dict:
+    for section, keys in (("model", ("path", "tokenizer")), ("data", ("train", "validation", "chat_template")),
+                          ("forgetting", ("base_text", "general_text", "probes"))):
+        sec = raw.get(section)
+        if isinstance(sec, dict):
+            for k in keys:
+                if isinstance(sec.get(k), str):
+                    sec[k] = resolve_path(sec[k], recipe_dir)
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read, override, resolve paths and validate one recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    text = path.read_text()
+    try:
+        raw = _load_yaml(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections (model:, data:, train:, …)")
+    apply_overrides(raw, list(overrides or []))
+    _resolve_paths(raw, path.resolve().parent)
+    try:
+        return from_dict(RecipeConfig, raw)
+    except ValueError as e:
+        msg = str(e)
+        line = _line_for(_key_lines(text), msg)
+        overridden = [o for o in overrides or [] if msg.startswith(o.partition("=")[0])]
+        where = f"--set {overridden[0]}" if overridden else (f"{path}:{line}" if line else str(path))
+        raise ConfigError(f"{where}: {msg}") from None
+
+
+def dump_recipe(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,268 @@
+"""`jaxtune eval loss | forgetting | report`. Each takes a recipe YAML (evaluates that run's export against
+its base model) or `--model DIR [--adapter DIR]`; explicit flags override what the recipe implies."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from pathlib import Path
+
+from jaxtune.cli_generate import add_model_args, load_for_inference
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to evaluate: the (tuned) model, its adapter, and the base and run dir it relates to."""
+
+    model: str
+    adapter: str | None
+    tokenizer: str | None
+    dtype: str
+    base: str | None
+    run: str | None
+    recipe: object | None
+
+
+def _exported(run_dir: Path) -> tuple[str | None, str | None]:
+    """(merged model dir, adapter dir) that a finished run exported, where present."""
+    merged, adapter = run_dir / "export" / "merged", run_dir / "export" / "adapter"
+    return (str(merged) if (merged / "config.json").is_file() else None,
+            str(adapter) if (adapter / "adapter_config.json").is_file() else None)
+
+
+def resolve_target(args: argparse.Namespace) -> Target:
+    """Combine the recipe (if any) with --model/--adapter/--base/--run; flags win."""
+    recipe = None
+    if args.recipe:
+        from jaxtune.config import load_recipe
+
+        recipe = load_recipe(args.recipe, args.set)
+    elif not args.model:
+        raise ValueError("give a recipe YAML or --model DIR")
+    model, adapter = args.model, args.adapter
+    base, run = getattr(args, "base", None), getattr(args, "run", None)
+    if recipe is not None:
+        base = base or recipe.model.path
+        run = run or recipe.output.run_dir
+        if model is None:
+            merged, exported_adapter = _exported(Path(recipe.output.run_dir))
+            if adapter or exported_adapter:
+                model, adapter = recipe.model.path, adapter or exported_adapter
+            elif merged:
+                model = merged
+            else:
+                raise ValueError(f"{args.recipe}: run dir {recipe.output.run_dir} has no export/adapter or "
+                                 "export/merged yet; finish training with output.export: true, or pass --model "
+                                 "[--adapter]")
+    return Target(model=model, adapter=adapter, tokenizer=args.tokenizer, dtype=args.dtype, base=base, run=run,
+                  recipe=recipe)
+
+
+def _handler(fn):
+    """User-facing errors (bad paths, configs, data) become one `error:` line and exit code 2."""
+    @functools.wraps(fn)
+    def run(args):
+        try:
+            return fn(args)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    return run
+
+
+def _write_json(path: str | None, doc: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+# -- eval loss ------------------------------------------------------------------------------------------------
+@_handler
+def _loss(args: argparse.Namespace) -> int:
+    from jaxtune.eval.loss import dataset_loss, examples_loss, read_text_slice, text_loss
+
+    t = resolve_target(args)
+    model, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
+    data_cfg = t.recipe.data if t.recipe is not None else None
+    seq_len = args.seq_len or (data_cfg.seq_len if data_cfg else 512)
+    if args.text:
+        source = args.text
+        res = text_loss(model, tok, read_text_slice(args.text, args.start, args.chars), seq_len=seq_len,
+                        batch_size=args.batch_size, max_windows=args.max_windows)
+    elif args.data:
+        source = args.data
+        res = dataset_loss(model, tok, args.data, seq_len=seq_len, batch_size=args.batch_size,
+                           chat_template=args.template or (data_cfg.chat_template if data_cfg else None),
+                           train_on=args.train_on, max_examples=args.max_examples)
+    elif data_cfg is not None:
+        from jaxtune.data.loader import pad_id_for
+        from jaxtune.data.prepare import prepare_dataset
+
+        _, val, _ = prepare_dataset(data_cfg, tok)
+        if not val:
+            raise ValueError(f"{args.recipe}: the recipe has no validation split (data.validation or "
+                             "data.val_fraction); pass --data FILE or --text FILE")
+        source = f"{args.recipe} validation split"
+        res = examples_loss(model, val[:args.max_examples], seq_len=seq_len, batch_size=args.batch_size,
+                            pad_id=pad_id_for(tok), packing=data_cfg.packing)
+    else:
+        raise ValueError("nothing to evaluate: pass --data FILE (instruction data), --text FILE (raw text) or a recipe")
+    print(f"{source}: loss {res.loss:.4f}  perplexity {res.perplexity:.4f}  accuracy {res.accuracy:.4f}  "
+          f"tokens {res.tokens}")
+    _write_json(args.out, {"model": t.model, "adapter": t.adapter, "data": source, **res.to_dict()})
+    return 0
+
+
+# -- eval forgetting ------------------------------------------------------------------------------------------
+def _forgetting_config(t: Target, args):
+    from jaxtune.eval.forgetting import ForgettingConfig, saved_config
+
+    saved = saved_config(t.run) if t.run else None
+    if saved is not None:
+        return saved, True
+    cfg = (t.recipe.forgetting if t.recipe is not None and t.recipe.forgetting is not None else ForgettingConfig())
+    if args.general_text:
+        cfg = dataclasses.replace(cfg, general_text=args.general_text)
+    return cfg, False
+
+
+def forgetting_now(t: Target, tuned, tokenizer, args) -> tuple[dict, dict]:
+    """`(base figures, tuned figures)`: the run's recorded baseline when it has one, else measured on --base."""
+    from jaxtune.eval.forgetting import ForgettingMonitor
+
+    cfg, saved = _forgetting_config(t, args)
+    monitor = ForgettingMonitor(tokenizer, cfg, run_dir=t.run if saved else None)
+    if saved:
+        base = monitor.baseline(None)
+    else:
+        if not t.base:
+            raise ValueError("forgetting needs the base model: pass --base DIR (or a run dir with a recorded baseline)")
+        base_model, _ = load_for_inference(t.base, dtype=t.dtype)
+        base = monitor.baseline(base_model)
+    return base, monitor.measure(tuned)
+
+
+@_handler
+def _forgetting(args: argparse.Namespace) -> int:
+    t = resolve_target(args)
+    model, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
+    base, tuned = forgetting_now(t, model, tok, args)
+    print(f"{'metric':<20}{'base':>12}{'tuned':>12}{'change':>10}")
+    for key in (k for k in tuned if not k.endswith("_rel")):
+        print(f"{key.removeprefix('forgetting/'):<20}{base[key]:>12.4f}{tuned[key]:>12.4f}"
+              f"{100 * tuned[key + '_rel']:>+9.2f}%")
+    _write_json(args.out, {"model": t.model, "adapter": t.adapter, "base": base, "tuned": tuned})
+    return 0
+
+
+# -- eval report ----------------------------------------------------------------------------------------------
+@_handler
+def _report(args: argparse.Namespace) -> int:
+    from jaxtune.data.chat import resolve_template
+    from jaxtune.eval import ifeval, report, rigidity
+    from jaxtune.eval.forgetting import find_asset
+    from jaxtune.export import stop_token_ids
+
+    t = resolve_target(args)
+    if not t.base:
+        raise ValueError("eval report compares against the base model: pass --base DIR (or a recipe)")
+    input_path = args.ifeval_input or find_asset(f"data/{ifeval.DEFAULT_INPUT_NAME}")
+    if input_path is None:
+        raise ValueError("no IFEval input file found under $JAXTUNE_ASSETS/data; pass --ifeval-input FILE")
+    inputs = ifeval.load_ifeval_inputs(input_path)[:args.limit]
+    tuned, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
+    base, _ = load_for_inference(t.base, dtype=t.dtype)
+    spec = args.template or (t.recipe.data.chat_template if t.recipe is not None else None)
+    template = resolve_template(spec, tok)
+    if template is None:
+        print("note: the tokenizer has no chat template and no --template was given; prompting with raw text",
+              file=sys.stderr)
+    gen_kw = dict(template=template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                  stop_ids=stop_token_ids(tuned.config, tok, template))
+    out = Path(args.out)
+    prompts = [inp["prompt"] for inp in inputs]
+    scored = {}
+    for side, model in (("base", base), ("tuned", tuned)):
+        responses = report.respond(model, tok, prompts, **gen_kw)
+        scored[side] = ifeval.score_responses(inputs, responses)
+        ifeval.write_results(scored[side], out / f"ifeval_{side}")
+        with open(out / f"ifeval_{side}" / "responses.jsonl", "w", encoding="utf-8") as f:
+            for p, r in zip(prompts, responses):
+                f.write(json.dumps({"prompt": p, "response": r}, ensure_ascii=False) + "\n")
+    rig = {}
+    if not args.no_rigidity:
+        probes = rigidity.load_probes(args.rigidity_probes)
+        for side, model in (("base", base), ("tuned", tuned)):
+            rig[side] = rigidity.score_rigidity(probes, report.respond(model, tok, [p.prompt for p in probes],
+                                                                       **gen_kw))
+    forgetting = None
+    if not args.no_forgetting:
+        forgetting = forgetting_now(t, tuned, tok, args)[1]
+    metrics_path = Path(t.run) / "metrics.jsonl" if t.run else None
+    rows = report.read_metrics(metrics_path) if metrics_path is not None and metrics_path.is_file() else None
+    doc = report.build_report(
+        base_ifeval=scored["base"], tuned_ifeval=scored["tuned"],
+        models={"tuned": {"model": t.model, "adapter": t.adapter}, "base": {"model": t.base}},
+        settings={"ifeval_input": str(input_path), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
+                  "batch_size": args.batch_size, "template": spec, "decoding": "greedy", "run": t.run},
+        base_rigidity=rig.get("base"), tuned_rigidity=rig.get("tuned"), forgetting=forgetting, metrics_rows=rows,
+        n_samples=args.samples)
+    json_path, html_path = report.write_report(doc, out)
+    for name, v in doc["ifeval"]["metrics"].items():
+        print(f"{name:<26}{report.pct(v['base']):>7} % (base)  {report.pct(v['tuned']):>7} % (tuned)")
+    print(f"wrote {json_path}\nwrote {html_path}")
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------------------------
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe YAML: evaluate its run's export (model, adapter, base, run dir)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    add_model_args(p, required=False)
+
+
+def register(sub) -> None:
+    """Add `loss`, `forgetting` and `report` to the `jaxtune eval` group."""
+    p = sub.add_parser("loss", help="loss and perplexity on an instruction dataset or a text file")
+    _target_args(p)
+    p.add_argument("--data", help="instruction/chat data file, scored on response tokens as in training")
+    p.add_argument("--text", help="raw text file, every token scored (perplexity)")
+    p.add_argument("--template", help="chat template for --data: chatml, llama3, alpaca or a .jinja file")
+    p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_turn"))
+    p.add_argument("--seq-len", type=int, help="window / row length (default: the recipe's, else 512)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-examples", type=int, help="evaluate only the first N examples of --data")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows of --text")
+    p.add_argument("--start", type=int, default=0, help="first character of --text to use")
+    p.add_argument("--chars", type=int, help="number of characters of --text to use (default: all)")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.set_defaults(func=_loss)
+
+    f = sub.add_parser("forgetting", help="perplexity and base-task drift of a tuned model vs its base")
+    _target_args(f)
+    f.add_argument("--base", help="base model dir (not needed when --run holds a recorded baseline)")
+    f.add_argument("--run", help="training run dir: reuse its recorded base samples, probe outputs and baseline")
+    f.add_argument("--general-text", help="general-text file (default: tiny Shakespeare from $JAXTUNE_ASSETS)")
+    f.add_argument("--out", help="write the result as JSON here")
+    f.set_defaults(func=_forgetting)
+
+    r = sub.add_parser("report", help="base-vs-tuned report: report.json and a self-contained report.html")
+    _target_args(r)
+    r.add_argument("--base", help="base model dir (default: the recipe's model.path)")
+    r.add_argument("--run", help="training run dir: loss curves and forgetting history from its metrics.jsonl")
+    r.add_argument("--ifeval-input", help="IFEval-format JSONL (default: ifeval_input_data.jsonl in assets)")
+    r.add_argument("--limit", type=int, help="use only the first N IFEval prompts")
+    r.add_argument("--max-new-tokens", type=int, default=256)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--template", help="chat template for prompts (default: the recipe's, else the tokenizer's)")
+    r.add_argument("--samples", type=int, default=5, help="sample generations shown side by side")
+    r.add_argument("--rigidity-probes", help="over-rigidity probe file (default: the packaged v1 set)")
+    r.add_argument("--no-rigidity", action="store_true", help="skip the over-rigidity probes")
+    r.add_argument("--no-forgetting", action="store_true", help="skip measuring forgetting now")
+    r.add_argument("--general-text", help="general-text file for forgetting (default: tiny Shakespeare)")
+    r.add_argument("--out", required=True, help="output directory")
+    r.set_defaults(func=_report)

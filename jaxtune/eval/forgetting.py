@@ -1,0 +1,273 @@
+"""Catastrophic-forgetting monitor: how far a tuned model drifts from its base on what the base could do.
+
+Three signals, each measured on the base model first and reported as relative change against it:
+- `base_ppl`: perplexity on held-out text of the base model's own domain. Without the pretraining data, that
+  text is a fixed-seed set of samples drawn from the base model itself (its own distribution, by
+  construction), saved with the run so every measurement of the run scores the same tokens.
+- `general_ppl`: perplexity on a fixed slice of general text (tiny Shakespeare by default).
+- `probe_agreement`: token-level agreement of greedy continuations of the base-task probes
+  (`probes/base_tasks_v1.jsonl`) with the base model's recorded continuations (1.0 for the base itself).
+
+`ForgettingMonitor.baseline(model)` runs once before training; `measure(model, step)` runs every N steps. With a
+run dir, the samples, recorded probe outputs and baseline figures are written there, and a resumed run reloads
+them instead of re-measuring a model that is no longer the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+PROBES_DIR = Path(__file__).resolve().parent / "probes"
+DEFAULT_BASE_PROBES = PROBES_DIR / "base_tasks_v1.jsonl"
+GENERAL_TEXT_NAME = "tinyshakespeare_input.txt"
+PREFIX = "forgetting/"
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseProbe:
+    id: str
+    prompt: str
+    kind: str = ""
+
+
+def load_base_probes(path: str | os.PathLike | None = None) -> list[BaseProbe]:
+    """Base-task probes from JSONL (`id`, `prompt`, optional `kind`); errors name the file, line and field."""
+    path = Path(path) if path is not None else DEFAULT_BASE_PROBES
+    if not path.is_file():
+        raise FileNotFoundError(f"base-task probe file {path} does not exist")
+    probes, seen = [], set()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        for field in ("id", "prompt"):
+            if not isinstance(rec.get(field), str) or not rec[field]:
+                raise ValueError(f"{path}:{n}: field '{field}' must be a non-empty string")
+        if rec["id"] in seen:
+            raise ValueError(f"{path}:{n}: duplicate probe id {rec['id']!r}; ids must be unique")
+        seen.add(rec["id"])
+        probes.append(BaseProbe(rec["id"], rec["prompt"], rec.get("kind", "")))
+    if not probes:
+        raise ValueError(f"{path}: no probes (expected JSON lines with 'id' and 'prompt')")
+    return probes
+
+
+def token_agreement(reference: Sequence, candidate: Sequence) -> float:
+    """Share of the reference's positions where the candidate has the same token (1.0 when both are empty)."""
+    if not reference:
+        return 1.0 if not candidate else 0.0
+    return sum(a == b for a, b in zip(reference, candidate)) / len(reference)
+
+
+def find_asset(relative: str) -> Path | None:
+    """A staged asset file from `$JAXTUNE_ASSETS`, else from the `shared/assets` folder beside the checkout."""
+    roots = [Path(os.environ["JAXTUNE_ASSETS"])] if os.environ.get("JAXTUNE_ASSETS") else []
+    roots.append(Path(__file__).resolve().parents[3] / "shared" / "assets")
+    return next((root / relative for root in roots if (root / relative).is_file()), None)
+
+
+def default_general_text() -> Path | None:
+    return find_asset(f"data/{GENERAL_TEXT_NAME}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgettingConfig:
+    """Sizes are small on purpose: the monitor runs inside training every N steps."""
+
+    n_samples: int = 16
+    sample_tokens: int = 64
+    seed: int = 0
+    base_text: str | None = None  # held-out base-domain text file; replaces the self-samples when given
+    general_text: str | None = None  # default: default_general_text()
+    general_start: int = 0
+    general_chars: int = 20_000
+    seq_len: int = 128
+    batch_size: int = 8
+    max_windows: int = 16
+    probes: str | None = None  # default: the packaged base_tasks_v1.jsonl
+    probe_tokens: int = 24
+
+
+def saved_config(run_dir: str | Path) -> ForgettingConfig | None:
+    """The config a run's baseline was recorded with (None if the run has no baseline)."""
+    path = Path(run_dir) / "forgetting" / "baseline.json"
+    if not path.is_file():
+        return None
+    return ForgettingConfig(**json.loads(path.read_text())["config"])
+
+
+def _rel(value: float, base: float) -> float:
+    return (value - base) / base if base else float("nan")
+
+
+def _with_stop(tokens: list[int], reason: str) -> list:
+    return list(tokens) + (["<stop>"] if reason == "stop" else [])
+
+
+class ForgettingMonitor:
+    """`baseline(model)` once on the base, then `measure(model, step) -> {"forgetting/...": float}`."""
+
+    def __init__(self, tokenizer, cfg: ForgettingConfig = ForgettingConfig(), *, run_dir: str | Path | None = None,
+                 mesh=None):
+        self.tokenizer, self.cfg, self.mesh = tokenizer, cfg, mesh
+        self.dir = Path(run_dir) / "forgetting" if run_dir is not None else None
+        self.probes = load_base_probes(cfg.probes)
+        self.general_path = Path(cfg.general_text) if cfg.general_text else default_general_text()
+        if self.general_path is None:
+            warnings.warn(f"no general-text file given and {GENERAL_TEXT_NAME} not found under $JAXTUNE_ASSETS; "
+                          "forgetting/general_ppl will be missing (set ForgettingConfig.general_text)")
+        self.samples: list[list[int]] | None = None
+        self.base_outputs: list[dict] | None = None
+        self.base_metrics: dict | None = None
+        self.history: list[dict] = []
+        self.last_outputs: list[dict] = []
+        self.resumed = False  # True when baseline() reloaded a recorded baseline (log it only on a fresh run)
+
+    # -- the fixed evaluation sets ------------------------------------------------------------------------
+    def _start_id(self) -> int:
+        tok = self.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has neither a BOS nor an EOS token to start base-model samples from; "
+                             "set ForgettingConfig.base_text to a held-out text file instead")
+        return int(start)
+
+    def _draw_samples(self, model) -> list[list[int]]:
+        from jaxtune.generate import SamplingParams, default_stop_ids, generate
+
+        cfg = self.cfg
+        start = self._start_id()
+        params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=1.0, seed=cfg.seed,
+                                stop_ids=default_stop_ids(model.config, self.tokenizer))
+        gen = generate(model, [[start]] * cfg.n_samples, params)
+        # A sample keeps the EOS it ended on: predicting the end of a document is part of the base's domain.
+        seqs = [[start, *t] + ([stop] if stop is not None else []) for t, stop in zip(gen.tokens, gen.stop_tokens)]
+        return [s for s in seqs if len(s) >= 2]
+
+    def _probe_outputs(self, model) -> list[dict]:
+        from jaxtune.generate import SamplingParams, default_stop_ids, generate
+
+        prompts = [self.tokenizer.encode(p.prompt) for p in self.probes]
+        params = SamplingParams(max_new_tokens=self.cfg.probe_tokens,
+                                stop_ids=default_stop_ids(model.config, self.tokenizer))
+        gen = generate(model, prompts, params)
+        return [{"id": p.id, "prompt": p.prompt, "ids": t, "finish": r,
+                 "text": self.tokenizer.decode(t, skip_special_tokens=True)}
+                for p, t, r in zip(self.probes, gen.tokens, gen.finish_reasons)]
+
+    def _general_text(self) -> str | None:
+        from jaxtune.eval.loss import read_text_slice
+
+        if self.general_path is None:
+            return None
+        return read_text_slice(self.general_path, self.cfg.general_start, self.cfg.general_chars)
+
+    # -- metrics ----------------------------------------------------------------------------------------------
+    def _raw(self, model) -> tuple[dict, list[dict]]:
+        from jaxtune.eval.loss import batches_of, evaluate_loss, read_text_slice, sequence_rows, text_loss
+
+        cfg = self.cfg
+        out = {}
+        if cfg.base_text:
+            out["base_ppl"] = text_loss(model, self.tokenizer, read_text_slice(cfg.base_text), seq_len=cfg.seq_len,
+                                        batch_size=cfg.batch_size, max_windows=cfg.max_windows,
+                                        mesh=self.mesh).perplexity
+        else:
+            width = max(cfg.seq_len, cfg.sample_tokens + 1)
+            out["base_ppl"] = evaluate_loss(model, batches_of(sequence_rows(self.samples, width), cfg.batch_size),
+                                            mesh=self.mesh).perplexity
+        general = self._general_text()
+        if general is not None:
+            out["general_ppl"] = text_loss(model, self.tokenizer, general, seq_len=cfg.seq_len,
+                                           batch_size=cfg.batch_size, max_windows=cfg.max_windows,
+                                           mesh=self.mesh).perplexity
+        outputs = self._probe_outputs(model)
+        by_id = {o["id"]: o for o in self.base_outputs or outputs}
+        agreements = [token_agreement(_with_stop(by_id[o["id"]]["ids"], by_id[o["id"]]["finish"]),
+                                      _with_stop(o["ids"], o["finish"])) for o in outputs]
+        out["probe_agreement"] = sum(agreements) / len(agreements)
+        return out, outputs
+
+    def baseline(self, model) -> dict:
+        """Fix the evaluation sets and measure the base; reload them instead when the run dir has them (then
+        `model` is not used and may be None)."""
+        if self.dir is not None and (self.dir / "baseline.json").is_file():
+            return self._load()
+        if not self.cfg.base_text:
+            self.samples = self._draw_samples(model)
+        self.base_outputs = None
+        raw, outputs = self._raw(model)
+        self.base_outputs = outputs
+        self.base_metrics = raw
+        if self.dir is not None:
+            self._save()
+        return self._named(raw)
+
+    def measure(self, model, step: int | None = None) -> dict:
+        """`{"forgetting/<name>": value, "forgetting/<name>_rel": relative change vs base}` for this model."""
+        if self.base_metrics is None:
+            raise RuntimeError("ForgettingMonitor.measure called before baseline(base_model)")
+        raw, outputs = self._raw(model)
+        self.last_outputs = outputs
+        result = self._named(raw)
+        self.history.append({"step": step, **result})
+        return result
+
+    def _named(self, raw: dict) -> dict:
+        out = {}
+        for name, value in raw.items():
+            out[PREFIX + name] = float(value)
+            out[PREFIX + name + "_rel"] = float(_rel(value, self.base_metrics[name]))
+        return out
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def _sources(self) -> dict:
+        general = self._general_text()
+        return {
+            "probes": str(self.cfg.probes or DEFAULT_BASE_PROBES),
+            "general_text": str(self.general_path) if self.general_path else None,
+            "general_sha256": hashlib.sha256(general.encode()).hexdigest() if general is not None else None,
+        }
+
+    def _save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if self.samples is not None:
+            with open(self.dir / "base_samples.jsonl", "w", encoding="utf-8") as f:
+                for s in self.samples:
+                    f.write(json.dumps({"ids": s, "text": self.tokenizer.decode(s, skip_special_tokens=True)}) + "\n")
+        with open(self.dir / "base_probe_outputs.jsonl", "w", encoding="utf-8") as f:
+            for o in self.base_outputs:
+                f.write(json.dumps(o) + "\n")
+        doc = {"config": dataclasses.asdict(self.cfg), "sources": self._sources(), "base": self.base_metrics}
+        (self.dir / "baseline.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+    def _load(self) -> dict:
+        doc = json.loads((self.dir / "baseline.json").read_text())
+        if doc["config"] != dataclasses.asdict(self.cfg):
+            raise ValueError(f"{self.dir / 'baseline.json'} was recorded with a different forgetting config "
+                             f"({doc['config']}); use the same settings or a fresh run dir")
+        if doc["sources"]["general_sha256"] != self._sources()["general_sha256"]:
+            raise ValueError(f"{self.dir / 'baseline.json'}: the general-text slice changed since the baseline "
+                             f"({doc['sources']['general_text']}); restore it or use a fresh run dir")
+        samples = self.dir / "base_samples.jsonl"
+        if samples.is_file():
+            self.samples = [json.loads(line)["ids"] for line in samples.read_text().splitlines() if line.strip()]
+        outputs = [json.loads(line) for line in (self.dir / "base_probe_outputs.jsonl").read_text().splitlines()
+                   if line.strip()]
+        missing = {p.id for p in self.probes} - {o["id"] for o in outputs}
+        if missing:
+            raise ValueError(f"{self.dir / 'base_probe_outputs.jsonl'} lacks recorded outputs for probes "
+                             f"{sorted(missing)}; the probe file changed since the baseline, use a fresh run dir")
+        self.base_outputs = outputs
+        self.base_metrics = doc["base"]
+        self.resumed = True
+        return self._named(self.base_metrics)

@@ -1,0 +1,103 @@
+"""Pure SFT train and eval steps over `nnx.split` partitions, jitted once per run.
+
+`train_step(graphdef, trainable, frozen, opt_state, batch, rng)` differentiates only the trainable
+partition. A batch is `[B, T]` or `[K, B/K, T]` (K gradient-accumulation micro-batches, scanned); every
+micro-batch's NLL sum is divided by the loss-token count of the *whole* batch, so K micro-batches give the
+loss and gradients of one K× batch however unevenly the tokens fall. A non-finite loss or gradient leaves
+parameters and optimizer state untouched (the loop decides whether to stop).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jaxtune.model.sharding import constrain_activations
+from jaxtune.train.loss import token_loss_sums
+from jaxtune.train.optim import accumulate_grads
+from jaxtune.train.vocab import TokenRows, merge_model
+
+
+def as_microbatches(batch: dict) -> dict:
+    """`[B, T]` → `[1, B, T]`; `[K, b, T]` stays (shape-static, so this never retraces)."""
+    return {k: (v[None] if v.ndim == 2 else v) for k, v in batch.items()}
+
+
+def loss_sums(model, mb: dict, rng=None, loss_chunk: int | None = None, mesh: Mesh | None = None):
+    """`(nll_sum, correct_sum, n_loss_tokens)` in fp32 for one `[b, T]` micro-batch."""
+    hidden = model.hidden_states(mb["input_ids"], mb["segment_ids"], mb["positions"], dropout_rng=rng)
+    hidden = constrain_activations(hidden, mesh)
+    return token_loss_sums(model, hidden, mb["targets"], mb["loss_mask"], loss_chunk)
+
+
+def loss_and_grads(graphdef, trainable, frozen, batch: dict, rng, *, loss_chunk: int | None = None,
+                   mesh: Mesh | None = None, token_rows: TokenRows | None = None):
+    """Gradients of (total NLL / total loss tokens) w.r.t. `trainable` over the micro-batches (see
+    `optim.accumulate_grads`), plus `(loss, correct, n_loss_tokens, n_tokens)`."""
+    batch = as_microbatches(batch)
+    rngs = jax.random.split(rng, batch["input_ids"].shape[0])
+
+    def sums(params, mb):
+        mb, r = mb
+        model = merge_model(graphdef, params, frozen, token_rows)
+        nll, correct, n = loss_sums(model, mb, r, loss_chunk, mesh)
+        return nll, n, {"correct": correct, "tokens": jnp.sum((mb["segment_ids"] > 0).astype(jnp.float32))}
+
+    loss, grads, n_loss, m = accumulate_grads(sums, trainable, (batch, rngs))
+    return grads, (loss, m["correct"], n_loss, m["tokens"])
+
+
+def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: optax.GradientTransformation,
+               loss_chunk: int | None = None, mesh: Mesh | None = None, token_rows: TokenRows | None = None):
+    """One optimizer step (`token_rows`: see `vocab.split_model`)."""
+    grads, (loss, correct, n_loss, n_tokens) = loss_and_grads(graphdef, trainable, frozen, batch, rng,
+                                                              loss_chunk=loss_chunk, mesh=mesh,
+                                                              token_rows=token_rows)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Zero out non-finite grads before the update so NaNs cannot leak into the discarded branch's math.
+    safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+    updates, new_opt_state = tx.update(safe, opt_state, trainable)
+    new_params = optax.apply_updates(trainable, updates)
+    apply = finite & (n_loss > 0)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+    metrics = {
+        "loss": loss,
+        "accuracy": correct / jnp.maximum(n_loss, 1.0),
+        "grad_norm": grad_norm,
+        "loss_tokens": n_loss,
+        "tokens": n_tokens,
+        "finite": finite,
+    }
+    return keep(new_params, trainable), keep(new_opt_state, opt_state), metrics
+
+
+def eval_step(graphdef, trainable, frozen, batch: dict, *, loss_chunk: int | None = None,
+              mesh: Mesh | None = None, token_rows: TokenRows | None = None) -> dict:
+    """NLL and correct-prediction *sums* and the loss-token count, so callers can average over a dataset."""
+    model = merge_model(graphdef, trainable, frozen, token_rows)
+    batch = as_microbatches(batch)
+    sums = [loss_sums(model, {k: v[i] for k, v in batch.items()}, None, loss_chunk, mesh)
+            for i in range(batch["input_ids"].shape[0])]
+    nll, correct, n = (sum(s[j] for s in sums) for j in range(3))
+    return {"nll_sum": nll, "correct_sum": correct, "loss_tokens": n}
+
+
+def jit_train_step(tx: optax.GradientTransformation, *, mesh: Mesh | None = None, trainable_shardings=None,
+                   opt_shardings=None, loss_chunk: int | None = None, token_rows: TokenRows | None = None):
+    """`train_step` jitted once: graphdef static, trainable and optimizer state donated, and outputs pinned
+    to the input shardings so step 2 sees the same layouts as step 1 (no recompilation)."""
+    fn = functools.partial(train_step, tx=tx, loss_chunk=loss_chunk, mesh=mesh, token_rows=token_rows)
+    kw = {}
+    if mesh is not None and trainable_shardings is not None:
+        kw["out_shardings"] = (trainable_shardings, opt_shardings, NamedSharding(mesh, P()))
+    return jax.jit(fn, static_argnums=0, donate_argnums=(1, 3), **kw)
+
+
+def jit_eval_step(*, mesh: Mesh | None = None, loss_chunk: int | None = None, token_rows: TokenRows | None = None):
+    return jax.jit(functools.partial(eval_step, loss_chunk=loss_chunk, mesh=mesh, token_rows=token_rows),
+                   static_argnums=0)

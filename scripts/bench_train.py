@@ -1,0 +1,334 @@
+"""Training throughput, jaxtune vs transformers + PEFT, on the same model shape, batches and optimizer.
+
+    python scripts/bench_train.py --preset tiny --mode lora            # both sides, one table
+    python scripts/bench_train.py --preset 8b --mode lora --memory-only # compiled memory estimate only
+
+Each side runs in its own process (peak memory is per process): jaxtune's jitted `train_step` (donated
+buffers) and PyTorch eager `LlamaForCausalLM` (+ `peft` LoRA, SDPA attention) with `torch.optim.AdamW`, both
+with global-norm clipping at 1.0, LoRA r=16 alpha=32 on all linear layers, random weights, and the same
+synthetic full rows. Steady-state tokens/s is the median of the timed steps after warm-up (each step
+synchronised), with min and max. MFU uses `train.metrics.train_flops_per_token` against the chip's dense
+bf16 peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jaxtune import bench_utils as bu  # noqa: E402
+
+LORA_RANK = 16
+
+
+def _platform() -> str:
+    return "gpu" if bu.gpu_name() else "cpu"
+
+
+def settings(args) -> dict:
+    """The run both sides do: preset defaults for this platform, overridden by flags."""
+    plat = args.platform or _platform()
+    d = dict(bu.RUN_DEFAULTS[(args.preset, plat)])
+    for k in ("batch", "seq", "dtype", "steps", "warmup"):
+        if getattr(args, k) is not None:
+            d[k] = getattr(args, k)
+    big = args.preset in ("1b", "8b")
+    d.update(preset=args.preset, mode=args.mode, platform=plat, lora_rank=LORA_RANK,
+             scan_layers=args.scan if args.scan is not None else args.preset != "tiny",
+             remat=args.remat or ("full" if args.preset == "8b" else "none"),
+             attention=args.attention, loss_chunk=args.loss_chunk or (1024 if big and d["seq"] % 1024 == 0 else None),
+             lr=1e-4)
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ jaxtune
+
+
+def _jax_model(s: dict, abstract: bool = False):
+    """`(graphdef, trainable, frozen)` of the preset with LoRA applied (or not); `abstract` builds shapes only."""
+    import jax.numpy as jnp
+    import transformers
+    from flax import nnx
+
+    from jaxtune.lora import LoraConfig, apply_lora, split_trainable, trainable_filter
+    from jaxtune.model.config import from_hf_config
+    from jaxtune.model.transformer import Transformer
+
+    dtype = jnp.dtype(s["dtype"])
+    cfg = from_hf_config(transformers.LlamaConfig(**bu.hf_config_kwargs(s["preset"])), scan_layers=s["scan_layers"],
+                         remat=s["remat"], attention_impl=s["attention"])
+    # LoRA: frozen base stored in the compute dtype; full: fp32 master weights, compute in `dtype`.
+    param_dtype = dtype if s["mode"] == "lora" else jnp.float32
+
+    def build():
+        model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        if s["mode"] == "lora":
+            apply_lora(model, LoraConfig(rank=s["lora_rank"], alpha=2 * s["lora_rank"], dropout=0.0,
+                                         target_modules="all-linear"), nnx.Rngs(1))
+        return model
+
+    model = nnx.eval_shape(build) if abstract else build()
+    if abstract:
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter(s["mode"]), ...)
+    else:
+        graphdef, trainable, frozen = split_trainable(model, trainable_filter(s["mode"]))
+    return cfg, graphdef, trainable, frozen
+
+
+def _jax_step(s: dict):
+    from jaxtune.train.optim import OptimConfig, make_optimizer
+    from jaxtune.train.step import jit_train_step
+
+    tx = make_optimizer(OptimConfig(lr=s["lr"], warmup_steps=0, schedule="constant"), s["steps"] + s["warmup"] + 1)
+    return tx, jit_train_step(tx, loss_chunk=s["loss_chunk"])
+
+
+def jax_worker(s: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtune.lora import count_params
+
+    t0 = time.perf_counter()
+    cfg, graphdef, trainable, frozen = _jax_model(s)
+    tx, step = _jax_step(s)
+    opt_state = jax.jit(tx.init)(trainable)
+    batches = [jax.device_put({k: jnp.asarray(v) for k, v in bu.synthetic_batch(s["batch"], s["seq"], cfg.vocab_size,
+                                                                                  i).items()}) for i in range(3)]
+    rng = jax.random.key(0)
+    jax.block_until_ready((trainable, frozen, opt_state, batches))
+    setup_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    compiled = step.lower(graphdef, trainable, frozen, opt_state, batches[0], rng).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    times, losses = [], []
+    first_s = None
+    for i in range(1 + s["warmup"] + s["steps"]):
+        t0 = time.perf_counter()
+        trainable, opt_state, m = compiled(trainable, frozen, opt_state, batches[i % len(batches)],
+                                           jax.random.fold_in(rng, i))
+        loss = float(m["loss"])
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if i == 0:
+            first_s = dt
+        elif i > s["warmup"]:
+            times.append(dt)
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    out = dict(bu.summarize(times, s["batch"] * s["seq"]), side="jaxtune", device=dev.device_kind,
+               compile_s=compile_s, first_step_s=first_s, setup_s=setup_s, losses=losses,
+               params=count_params(trainable) + count_params(frozen), trainable=count_params(trainable),
+               attention=s["attention"], peak_rss=bu.peak_rss_bytes(), peak_device=stats.get("peak_bytes_in_use"),
+               compiled_temp=getattr(mem, "temp_size_in_bytes", None))
+    return out
+
+
+def jax_memory_worker(s: dict) -> dict:
+    """Compile the step on abstract arrays (no weights allocated) and report XLA's buffer assignment: an
+    estimate of device memory, labelled so, for shapes this machine cannot hold."""
+    import jax
+    import numpy as np
+
+    t0 = time.perf_counter()
+    cfg, graphdef, trainable, frozen = _jax_model(s, abstract=True)
+    tx, step = _jax_step(s)
+    opt_state = jax.eval_shape(tx.init, trainable)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bu.synthetic_batch(s["batch"], s["seq"], 8, 0).items()}
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    compiled = step.lower(graphdef, trainable, frozen, opt_state, batch, rng).compile()
+    mem = compiled.memory_analysis()
+    nbytes = lambda tree: int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
+    args = nbytes((trainable, frozen, opt_state, batch))
+    temp = int(mem.temp_size_in_bytes)
+    out_extra = int(mem.output_size_in_bytes - mem.alias_size_in_bytes)
+    return dict(side="jaxtune", device=jax.devices()[0].device_kind, compile_s=time.perf_counter() - t0,
+                arguments=args, temp=temp, outputs_not_aliased=out_extra, total=args + temp + out_extra,
+                generated_code=int(mem.generated_code_size_in_bytes))
+
+
+# ------------------------------------------------------------------------------------------------ PyTorch
+
+
+def hf_worker(s: dict) -> dict:
+    import torch
+    import transformers
+
+    cuda = torch.cuda.is_available()
+    dev = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, s["dtype"])
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    cfg = transformers.LlamaConfig(**bu.hf_config_kwargs(s["preset"]), attn_implementation=s["hf_attention"])
+    # Same storage as the jaxtune side: LoRA keeps the frozen base in the compute dtype; full FT keeps fp32
+    # master weights and computes under autocast.
+    store = dtype if s["mode"] == "lora" else torch.float32
+    with dev:
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(store)
+        model = transformers.LlamaForCausalLM(cfg)
+        torch.set_default_dtype(prev)
+    if s["mode"] == "lora":
+        try:
+            import peft
+        except ImportError:
+            return {"side": "transformers", "skipped": "peft is not installed"}
+        model = peft.get_peft_model(model, peft.LoraConfig(r=s["lora_rank"], lora_alpha=2 * s["lora_rank"],
+                                                           lora_dropout=0.0, target_modules="all-linear",
+                                                           task_type="CAUSAL_LM"))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s["lr"], weight_decay=0.0, **({"fused": True} if cuda else {}))
+    if s["hf_compile"]:
+        model = torch.compile(model)
+    autocast = torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32)
+    batches = []
+    for i in range(3):
+        b = bu.synthetic_batch(s["batch"], s["seq"], cfg.vocab_size, i)
+        batches.append((torch.from_numpy(b["input_ids"]).long().to(dev), torch.from_numpy(b["targets"]).long().to(dev)))
+    setup_s = time.perf_counter() - t0
+
+    def step(ids, targets):
+        with autocast:
+            logits = model(input_ids=ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    times, losses, first_s = [], [], None
+    for i in range(1 + s["warmup"] + s["steps"]):
+        t0 = time.perf_counter()
+        loss = float(step(*batches[i % len(batches)]))
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        losses.append(loss)
+        if i == 0:
+            first_s = dt
+        elif i > s["warmup"]:
+            times.append(dt)
+    return dict(bu.summarize(times, s["batch"] * s["seq"]), side="transformers", losses=losses,
+                device=torch.cuda.get_device_name() if cuda else bu.cpu_name(), compile_s=None, first_step_s=first_s,
+                setup_s=setup_s, trainable=sum(p.numel() for p in params),
+                params=sum(p.numel() for p in model.parameters()), attention=s["hf_attention"],
+                peak_rss=bu.peak_rss_bytes(), peak_device=torch.cuda.max_memory_allocated() if cuda else None,
+                threads=torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def table(s: dict, results: list[dict]) -> str:
+    flops, n, _ = bu.flops_per_token(s["preset"], s["seq"], s["mode"], s["lora_rank"])
+    base = next((r for r in results if r.get("side") == "transformers" and "tokens_per_s" in r), None)
+    rows = []
+    for r in results:
+        if "tokens_per_s" not in r:
+            rows.append([r.get("side"), s["mode"], None, None, None, None, None, None, None,
+                         r.get("skipped") or r.get("error")])
+            continue
+        peak = bu.peak_bf16_flops(r.get("device"))
+        achieved = flops * r["tokens_per_s"]
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        mem = r["peak_device"] if r.get("peak_device") else r["peak_rss"]
+        rows.append([r["side"], s["mode"],
+                     f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s_min']:,.0f}–{r['tokens_per_s_max']:,.0f})",
+                     f"{ratio:.2f}×" if ratio else None, f"{achieved / 1e12:.3g}",
+                     f"{100 * achieved / peak:.1f}%" if peak else None,
+                     bu.fmt_bytes(mem) + (" device" if r.get("peak_device") else " RSS"),
+                     r["compile_s"], r["first_step_s"], r.get("attention")])
+    head = (f"preset `{s['preset']}` ({n / 1e6:.1f}M params), {s['mode']}, batch {s['batch']} × seq {s['seq']}, "
+            f"{s['dtype']}, {s['steps']} timed steps after {s['warmup']} warm-up")
+    return head + "\n\n" + bu.markdown_table(
+        ["side", "mode", "tokens/s median (min–max)", "ratio", "TFLOP/s", "MFU", "peak memory", "compile s",
+         "first step s", "attention"], rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(bu.PRESETS), default="tiny")
+    p.add_argument("--mode", choices=("lora", "full"), default="lora")
+    p.add_argument("--sides", default="jaxtune,transformers", help="comma list of jaxtune, transformers")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--seq", type=int)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int)
+    p.add_argument("--warmup", type=int)
+    p.add_argument("--platform", choices=("cpu", "gpu"), help="which preset defaults (default: GPU if nvidia-smi works)")
+    p.add_argument("--attention", default="auto", help="jaxtune attention_impl")
+    p.add_argument("--hf-attention", default="sdpa", help="transformers attn_implementation")
+    p.add_argument("--hf-compile", action="store_true", help="torch.compile the PyTorch model")
+    p.add_argument("--scan", dest="scan", action="store_true", default=None, help="jaxtune scan_layers")
+    p.add_argument("--no-scan", dest="scan", action="store_false")
+    p.add_argument("--remat", choices=("none", "full", "dots"))
+    p.add_argument("--loss-chunk", type=int)
+    p.add_argument("--memory-only", action="store_true", help="jaxtune compiled memory estimate, no run")
+    p.add_argument("--mem-cap-gb", type=float, help="GPU: cap the jaxtune process at this much device memory")
+    p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--out", help="directory for bench_train_<preset>_<mode>.{md,json}")
+    p.add_argument("--worker", choices=("jaxtune", "transformers", "memory"), help=argparse.SUPPRESS)
+    p.add_argument("--settings", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        s = json.loads(args.settings)
+        fn = {"jaxtune": jax_worker, "transformers": hf_worker, "memory": jax_memory_worker}[args.worker]
+        bu.write_result(args.result, fn(s))
+        return 0
+
+    s = settings(args)
+    s.update(hf_attention=args.hf_attention, hf_compile=args.hf_compile)
+    env = {}
+    if args.mem_cap_gb and s["platform"] == "gpu":
+        total = bu.gpu_memory_bytes()
+        if total:
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(1.0, args.mem_cap_gb * 2**30 / total):.4f}"
+    me = [str(Path(__file__).resolve())]
+    results = []
+    if args.memory_only:
+        r = bu.run_worker(me + ["--worker", "memory", "--settings", json.dumps(s)], timeout=args.timeout, env=env)
+        report = (f"jaxtune compiled memory estimate ({r.get('device')}; XLA buffer assignment, not a measurement), "
+                  f"preset `{s['preset']}` {s['mode']}, batch {s['batch']} × seq {s['seq']}, {s['dtype']}, "
+                  f"remat {s['remat']}, scan_layers {s['scan_layers']}, loss_chunk {s['loss_chunk']}:\n\n")
+        report += bu.markdown_table(["arguments (params+opt+batch)", "temporaries", "outputs not aliased", "total",
+                                     "compile s"],
+                                    [[bu.fmt_bytes(r.get("arguments")), bu.fmt_bytes(r.get("temp")),
+                                      bu.fmt_bytes(r.get("outputs_not_aliased")), bu.fmt_bytes(r.get("total")),
+                                      r.get("compile_s")]]) if "total" in r else report + f"failed: {r.get('error')}\n{r.get('log')}"
+        results.append(r)
+    else:
+        for side in args.sides.split(","):
+            r = bu.run_worker(me + ["--worker", side, "--settings", json.dumps(s)], timeout=args.timeout,
+                              env=env if side == "jaxtune" else {})
+            r.setdefault("side", side)
+            if "error" in r:
+                print(f"[{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
+            results.append(r)
+        report = table(s, results)
+    m = bu.machine()
+    text = f"{report}\n\nMachine: {bu.machine_markdown(m)}\n\nCommand: `python scripts/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"bench_train_{s['preset']}_{s['mode']}" + ("_memory" if args.memory_only else "")
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps({"settings": s, "machine": m, "results": results}, indent=2,
+                                                     default=str))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

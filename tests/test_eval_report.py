@@ -1,0 +1,264 @@
+"""Report: report.json keeps its schema, report.html is self-contained with every plot, metrics.jsonl parsing,
+and the `jaxtune eval …` / `generate` / `chat` commands end to end on stories260K with a PEFT adapter."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtune.cli import main
+from jaxtune.eval import report as rp
+from jaxtune.eval.ifeval import load_ifeval_inputs, score_responses
+from jaxtune.eval.rigidity import load_probes, score_rigidity
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+METRIC = {"base": "float", "tuned": "float", "delta": "float"}
+PAIR = {"count": "int", "base_strict": "float", "tuned_strict": "float", "base_loose": "float", "tuned_loose": "float"}
+SIDE = {"response": "str", "followed_loose": ["bool"]}
+# The report.json shape for schema_version 1; changing it means bumping SCHEMA_VERSION (and this literal).
+SCHEMA_V1 = {
+    "schema_version": "int", "jaxtune_version": "str", "created_utc": "str",
+    "models": {"tuned": {"model": "str", "adapter": "str"}, "base": {"model": "str"}},
+    "settings": {"ifeval_input": "str", "limit": "int"},
+    "ifeval": {"num_prompts": "int", "num_instructions": "int",
+               "metrics": {m: METRIC for m in rp.HEADLINE_METRICS},
+               "relative": {"format_adherence_change": "float", "ignored_constraints_reduction": "float"},
+               "by_group": "table", "by_instruction": "table"},
+    "rigidity": {"probe_set": "str", "loose": "bool", "num_probes": "int",
+                 "counts": {"base": {"both": "int", "format_only": "int", "content_only": "int", "neither": "int"},
+                            "tuned": {"both": "int", "format_only": "int", "content_only": "int", "neither": "int"}},
+                 "fractions": {"base": {"both": "float", "format_only": "float", "content_only": "float",
+                                        "neither": "float"},
+                               "tuned": {"both": "float", "format_only": "float", "content_only": "float",
+                                         "neither": "float"}}},
+    "forgetting": {"current": {"forgetting/base_ppl": "float", "forgetting/base_ppl_rel": "float"},
+                   "history": [{"step": "int", "forgetting/base_ppl": "float",
+                                "forgetting/base_ppl_rel": "float"}]},
+    "training": {"train": [["int", "float"]], "eval": [["int", "float"]]},
+    "samples": [{"key": "int", "prompt": "str", "instruction_id_list": ["str"], "base": SIDE, "tuned": SIDE}],
+}
+
+
+def _shape(doc, path=""):
+    """Type tree of a JSON document; tables keyed by instruction id collapse to 'table' after a check."""
+    if path.endswith(("by_group", "by_instruction")):
+        assert doc and all(_shape(v) == PAIR for v in doc.values()), path
+        return "table"
+    if isinstance(doc, dict):
+        return {k: _shape(v, f"{path}/{k}") for k, v in doc.items()}
+    if isinstance(doc, list):
+        shapes = [_shape(x, path) for x in doc]
+        return [s for i, s in enumerate(shapes) if s not in shapes[:i]]
+    return {bool: "bool", int: "int", float: "float", str: "str"}[type(doc)]
+
+
+@pytest.fixture(scope="module")
+def scored(assets_dir):
+    """GPT-4's official responses as 'tuned', the first sentence of each as 'base', on 30 prompts."""
+    inputs = load_ifeval_inputs(assets_dir / "data" / "ifeval_input_data.jsonl")[:30]
+    gpt4 = [json.loads(line)["response"]
+            for line in (assets_dir / "data" / "ifeval_responses_gpt4.jsonl").read_text().splitlines()[:30]]
+    probes = load_probes()
+    return (score_responses(inputs, [r.split(".")[0] for r in gpt4]), score_responses(inputs, gpt4),
+            score_rigidity(probes, ["ok"] * len(probes)), score_rigidity(probes, [p.prompt for p in probes]))
+
+
+METRICS_ROWS = [
+    {"step": 0, "split": "forgetting", "forgetting/base_ppl": 3.0, "forgetting/base_ppl_rel": 0.0},
+    {"step": 1, "split": "train", "loss": 2.5}, {"step": 2, "split": "train", "loss": 2.1},
+    {"step": 2, "split": "eval", "loss": 2.3},
+    {"step": 2, "split": "forgetting", "forgetting/base_ppl": 3.3, "forgetting/base_ppl_rel": 0.1},
+    {"step": 3, "loss": 1.9, "eval_loss": 2.0}, {"step": 4, "split": "train", "loss": float("nan")},
+]
+
+
+def _doc(scored, **kw):
+    base, tuned, rig_base, rig_tuned = scored
+    return rp.build_report(
+        base_ifeval=base, tuned_ifeval=tuned, models={"tuned": {"model": "m", "adapter": "a"}, "base": {"model": "b"}},
+        settings={"ifeval_input": "in.jsonl", "limit": 30}, base_rigidity=rig_base, tuned_rigidity=rig_tuned,
+        forgetting={"forgetting/base_ppl": 3.3, "forgetting/base_ppl_rel": 0.1}, metrics_rows=METRICS_ROWS, **kw)
+
+
+def test_report_json_schema_is_stable(scored, tmp_path):
+    json_path, _ = rp.write_report(_doc(scored, n_samples=3), tmp_path)
+    doc = json.loads(json_path.read_text())
+    assert tuple(doc) == rp.REPORT_KEYS
+    assert doc["schema_version"] == rp.SCHEMA_VERSION == 1
+    assert _shape(doc) == SCHEMA_V1
+    assert len(doc["samples"]) == 3
+
+
+def test_report_figures_and_relative_changes(scored):
+    base, tuned, _, _ = scored
+    doc = _doc(scored)
+    m = doc["ifeval"]["metrics"]
+    assert m["instruction_loose"]["tuned"] == tuned.instruction_loose
+    assert m["instruction_loose"]["delta"] == pytest.approx(tuned.instruction_loose - base.instruction_loose)
+    rel = doc["ifeval"]["relative"]
+    assert rel["format_adherence_change"] == pytest.approx(
+        (tuned.format_adherence - base.format_adherence) / base.format_adherence)
+    assert rel["ignored_constraints_reduction"] == pytest.approx(
+        (base.ignored_constraint_rate - tuned.ignored_constraint_rate) / base.ignored_constraint_rate)
+    assert doc["training"] == {"train": [[1, 2.5], [2, 2.1], [3, 1.9]], "eval": [[2, 2.3], [3, 2.0]]}
+    assert [h["step"] for h in doc["forgetting"]["history"]] == [0, 2]
+    assert doc["samples"][0]["tuned"]["response"] == tuned.rows[0].response
+
+
+def test_html_is_self_contained_with_every_plot(scored, tmp_path):
+    doc = _doc(scored)
+    _, html_path = rp.write_report(doc, tmp_path)
+    page = html_path.read_text()
+    images = re.findall(r'<img alt="([a-z_]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert sorted(name for name, _ in images) == sorted(
+        ["ifeval_metrics", "ifeval_by_instruction", "rigidity", "loss_curves", "forgetting"])
+    assert all(base64.b64decode(data).startswith(PNG_MAGIC) for _, data in images)
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", page) and "<script" not in page
+    assert doc["samples"][0]["prompt"][:40] in page.replace("&#x27;", "'").replace("&quot;", '"')
+    assert "<<" not in page.split("</style>")[1]  # response text is escaped (IFEval titles use <<…>>)
+
+
+def test_report_without_run_has_no_training_plots(scored):
+    base, tuned, _, _ = scored
+    doc = rp.build_report(base_ifeval=base, tuned_ifeval=tuned, models={}, settings={})
+    assert doc["training"] is None and doc["forgetting"] is None and doc["rigidity"] is None
+    assert set(rp.figures(doc)) == {"ifeval_metrics", "ifeval_by_instruction"}
+
+
+def test_read_metrics_names_bad_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: .*'step'"):
+        rp.read_metrics(path)
+    path.write_text('{"step": 1, "loss": 2.0}\n{oops\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+        rp.read_metrics(path)
+
+
+# -- end to end through the CLI -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def adapter_dir(stories_dir, tmp_path_factory):
+    """A PEFT adapter for stories260K with non-zero B, so base and tuned generations differ."""
+    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.export import save_peft_adapter
+    from jaxtune.lora import LoraConfig, apply_lora, lora_sites
+
+    model = load_pretrained(stories_dir)
+    apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj")), nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for _, linear, _ in lora_sites(model):
+        linear.lora_B.set_value(jnp.asarray(rng.normal(0, 0.5, linear.lora_B.shape), jnp.float32))
+    out = tmp_path_factory.mktemp("adapter") / "adapter"
+    save_peft_adapter(model, out, base_model_name_or_path=str(stories_dir), tokenizer=load_tokenizer(stories_dir))
+    return out
+
+
+def test_eval_report_cli_end_to_end(stories_dir, adapter_dir, assets_dir, tmp_path, capsys):
+    ifeval_in = tmp_path / "ifeval3.jsonl"
+    lines = (assets_dir / "data" / "ifeval_input_data.jsonl").read_text().splitlines()[:3]
+    ifeval_in.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in METRICS_ROWS[:6]) + "\n")
+    out = tmp_path / "report"
+    rc = main(["eval", "report", "--model", str(stories_dir), "--adapter", str(adapter_dir), "--base",
+               str(stories_dir), "--ifeval-input", str(ifeval_in), "--max-new-tokens", "8", "--template", "alpaca",
+               "--run", str(run), "--no-rigidity", "--no-forgetting", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["ifeval"]["num_prompts"] == 3 and doc["settings"]["template"] == "alpaca"
+    assert doc["training"]["eval"] == [[2, 2.3], [3, 2.0]]
+    assert doc["forgetting"] == {"current": None, "history": rp.forgetting_history(METRICS_ROWS)}
+    assert [s["base"]["response"] != s["tuned"]["response"] for s in doc["samples"]].count(True) >= 1
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 4
+    responses = [json.loads(x) for x in (out / "ifeval_tuned" / "responses.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in responses] == [s["tuned"]["response"] for s in doc["samples"]]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_eval_forgetting_and_loss_cli(stories_dir, adapter_dir, assets_dir, tmp_path, capsys):
+    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.eval.forgetting import ForgettingConfig, ForgettingMonitor
+
+    shakespeare = str(assets_dir / "data" / "tinyshakespeare_input.txt")
+    small = ForgettingConfig(n_samples=4, sample_tokens=16, seq_len=32, batch_size=4, max_windows=2,
+                             probe_tokens=8, general_text=shakespeare, general_chars=2000)
+    run = tmp_path / "run"
+    recorded = ForgettingMonitor(load_tokenizer(stories_dir), small, run_dir=run).baseline(
+        load_pretrained(stories_dir))
+    out = tmp_path / "forgetting.json"
+    # The run's recorded baseline (and its config) is reused, so no --base is needed.
+    assert main(["eval", "forgetting", "--model", str(stories_dir), "--adapter", str(adapter_dir), "--run", str(run),
+                 "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["base"] == recorded
+    assert doc["tuned"]["forgetting/probe_agreement"] < 1.0  # the adapter changes greedy outputs
+    assert "probe_agreement" in capsys.readouterr().out
+    assert main(["eval", "forgetting", "--model", str(stories_dir)]) == 2
+    assert "--base" in capsys.readouterr().err
+
+    loss_out = tmp_path / "loss.json"
+    assert main(["eval", "loss", "--model", str(stories_dir), "--text", shakespeare, "--chars", "3000",
+                 "--seq-len", "64", "--out", str(loss_out)]) == 0
+    assert json.loads(loss_out.read_text())["perplexity"] > 10
+
+    assert main(["eval", "loss", "--model", str(tmp_path / "nope"), "--text", shakespeare]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["eval", "loss"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_recipe_form_finds_the_exported_adapter(stories_dir, adapter_dir, tmp_path):
+    import argparse
+    import shutil
+
+    from jaxtune.eval.commands import resolve_target
+
+    run = tmp_path / "run"
+    shutil.copytree(adapter_dir, run / "export" / "adapter")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{path: {stories_dir}}}\ndata: {{train: x.jsonl}}\noutput: {{run_dir: {run}}}\n")
+    args = argparse.Namespace(recipe=str(recipe), set=[], model=None, adapter=None, tokenizer=None,
+                              dtype="float32", base=None, run=None)
+    t = resolve_target(args)
+    assert (t.model, t.adapter, t.base, t.run) == (str(stories_dir), str(run / "export" / "adapter"),
+                                                   str(stories_dir), str(run))
+    shutil.rmtree(run / "export")
+    with pytest.raises(ValueError, match="no export/adapter or export/merged"):
+        resolve_target(args)
+
+
+def test_generate_and_chat_cli(stories_dir, monkeypatch, capsys):
+    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.generate import SamplingParams, generate, prompt_ids
+    from jaxtune.data.chat import builtin_template
+
+    assert main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time",
+                 "--max-new-tokens", "12"]) == 0
+    assert capsys.readouterr().out.startswith(", there was a little girl named Lily")
+
+    turns = iter(["Tell me a story.", "/reset", "Tell me a story."])
+
+    def fake_input(_prompt):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--model", str(stories_dir), "--template", "alpaca", "--max-new-tokens", "10"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    model, tok = load_pretrained(stories_dir), load_tokenizer(stories_dir)
+    want = generate(model, [prompt_ids(tok, "Tell me a story.", builtin_template("alpaca"))],
+                    SamplingParams(max_new_tokens=10, stop_ids=(2,))).tokens[0]
+    assert printed == [tok.decode(want)] * 2  # /reset makes the second turn identical to the first
+
+    assert main(["chat", "--model", str(stories_dir)]) == 2
+    assert "--template" in capsys.readouterr().err

@@ -1,0 +1,168 @@
+"""The training run end to end on the real stories260K model: exact resume, the NaN guard, and the files a
+run leaves behind."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxtune.config import RecipeConfig, from_dict
+from jaxtune.train import loop
+from jaxtune.train.loop import TrainingStopped, train
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Runs of one recipe compile the same programs: share them through JAX's persistent cache."""
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture(scope="module")
+def small_data(assets_dir, tmp_path_factory):
+    records = json.loads((assets_dir / "data" / "alpaca_data_1k.json").read_text())[:40]
+    path = tmp_path_factory.mktemp("data") / "alpaca_40.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _recipe(stories_dir, data, run_dir, **sections) -> RecipeConfig:
+    raw = {
+        "model": {"path": str(stories_dir), "attention_impl": "xla"},
+        "data": {"train": str(data), "chat_template": "alpaca", "seq_len": 128, "val_fraction": 0.1,
+                 "cache_dir": None},
+        "lora": {"rank": 4, "dropout": 0.1},
+        "optim": {"lr": 3e-3, "warmup_steps": 1},
+        "train": {"steps": 6, "batch_size": 4, "save_every": 3, "log_every": 3},
+        "output": {"run_dir": str(run_dir), "tensorboard": False, "progress": False},
+        "mesh": {"data": 1},
+    }
+    for name, values in sections.items():
+        raw[name] = {**raw.get(name, {}), **values}
+    return from_dict(RecipeConfig, raw)
+
+
+def _saved(run_dir, step) -> list[np.ndarray]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no target tree: orbax notes it reads the sharding from the file
+        tree = ocp.PyTreeCheckpointer().restore(run_dir / "checkpoints" / str(step) / "trainable")
+    flat = []
+
+    def walk(node):
+        for k in sorted(node):
+            walk(node[k]) if isinstance(node[k], dict) else flat.append(np.asarray(node[k]))
+
+    walk(tree)
+    return flat
+
+
+class FakeMonitor:
+    """Stands in for eval.forgetting.ForgettingMonitor (tested there): records when the loop calls it."""
+
+    calls: list = []
+
+    def __init__(self, tokenizer, cfg, *, run_dir=None, mesh=None):
+        self.cfg = cfg
+
+    def baseline(self, model):
+        FakeMonitor.calls.append(("baseline", None))
+        return {"forgetting/probe": 1.0}
+
+    def measure(self, model, step):
+        FakeMonitor.calls.append(("measure", step))
+        return {"forgetting/probe": 0.5}
+
+
+@pytest.fixture(scope="module")
+def whole_run(stories_dir, small_data, tmp_path_factory):
+    """Six steps in one go, with TensorBoard, evals and the forgetting hook on."""
+    from jaxtune.eval import forgetting
+
+    run_dir = tmp_path_factory.mktemp("whole")
+    cfg = _recipe(stories_dir, small_data, run_dir, train={"eval_every": 3, "forgetting_every": 2},
+                  output={"tensorboard": True}, forgetting={"n_samples": 2})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(forgetting, "ForgettingMonitor", FakeMonitor)
+        FakeMonitor.calls = []
+        result = train(cfg)
+        calls = list(FakeMonitor.calls)
+    return cfg, result, calls
+
+
+def test_resume_is_bit_identical(whole_run, tmp_path):
+    # Dropout on, several epochs of shuffled packed data, and the break falls mid-epoch.
+    whole_cfg, whole, _ = whole_run
+    assert whole.step == 6 and whole.compiles == 1
+    cfg = dataclasses.replace(whole_cfg, output=dataclasses.replace(whole_cfg.output, run_dir=str(tmp_path / "split")))
+    with pytest.MonkeyPatch.context() as mp:
+        from jaxtune.eval import forgetting
+
+        mp.setattr(forgetting, "ForgettingMonitor", FakeMonitor)
+        first = train(cfg, stop_after=3)
+        assert first.step == 3
+        with pytest.raises(ValueError, match="already holds checkpoints"):
+            train(cfg)
+        second = train(cfg, resume=True)
+    assert second.step == 6
+    assert first.losses + second.losses == whole.losses
+    for a, b in zip(_saved(whole.run_dir, 6), _saved(tmp_path / "split", 6)):
+        assert np.array_equal(a, b)
+    assert whole.eval_loss == second.eval_loss
+
+
+def test_nan_guard_skips_then_stops_without_overwriting(stories_dir, small_data, tmp_path, monkeypatch):
+    to_micro = loop.to_micro
+    calls = {"n": 0}
+
+    def corrupt_some(batch, k):  # step 2 bad alone, then steps 4 and 5 in a row
+        calls["n"] += 1
+        out = to_micro(batch, k)
+        if calls["n"] in (2, 4, 5):
+            out = dict(out, targets=np.full_like(out["targets"], 10_000))  # past the vocab: NaN loss
+        return out
+
+    monkeypatch.setattr(loop, "to_micro", corrupt_some)
+    cfg = _recipe(stories_dir, small_data, tmp_path / "run", train={"nan_policy": "skip", "max_bad_steps": 2})
+    with pytest.raises(TrainingStopped, match="stopped at step 5 after 2 non-finite step"):
+        train(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4]
+    from jaxtune.train.checkpoint import Checkpointer
+
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [3]  # the last good one, untouched
+
+    calls["n"] = 0
+    strict = _recipe(stories_dir, small_data, tmp_path / "strict", train={"nan_policy": "stop"})
+    with pytest.raises(TrainingStopped, match="stopped at step 2 after 1 non-finite"):
+        train(strict)
+
+
+def test_run_dir_holds_metrics_tensorboard_config_and_provenance(whole_run):
+    _, result, calls = whole_run
+    run = result.run_dir
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "accuracy", "grad_norm", "lr", "tokens_per_s", "loss_tokens"} <= set(train_rows[0])
+    assert train_rows[0]["lr"] == 0.0 and train_rows[1]["lr"] == pytest.approx(3e-3)  # one warmup step
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
+    assert calls == [("baseline", None), ("measure", 2), ("measure", 4), ("measure", 6)]
+    assert [r["step"] for r in rows if r["split"] == "forgetting"] == [0, 2, 4, 6]
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "config.yaml").read_text().startswith("model:")
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["data_hash"] and prov["tokenizer_hash"] and prov["versions"]["jax"]
+    assert result.eval_loss == [r for r in rows if r["split"] == "eval"][-1]["loss"]
