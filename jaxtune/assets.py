@@ -25,12 +25,21 @@ class QuickstartAssets:
     origin: str
 
 
-def bundled_assets_dir() -> Path | None:
+def asset_roots() -> list[Path]:
+    """Where staged assets may live: `$JAXTUNE_ASSETS`, then `shared/assets` beside the checkout or the cwd."""
     env = os.environ.get("JAXTUNE_ASSETS")
-    for cand in ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "assets", Path.cwd().parent / "shared" / "assets"]:
-        if (cand / "models" / "stories260K-hf" / "config.json").exists():
-            return cand.resolve()
-    return None
+    return ([Path(env)] if env else []) + [REPO_ROOT.parent / "shared" / "assets",
+                                           Path.cwd().parent / "shared" / "assets"]
+
+
+def find_asset(relative: str) -> Path | None:
+    """The first staged asset file `relative` (e.g. `data/ifeval_input_data.jsonl`) under `asset_roots()`."""
+    return next((root / relative for root in asset_roots() if (root / relative).is_file()), None)
+
+
+def bundled_assets_dir() -> Path | None:
+    hit = find_asset("models/stories260K-hf/config.json")
+    return hit.parents[2].resolve() if hit else None
 
 
 def _from_hub(cache: Path) -> QuickstartAssets:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from jaxtune.cli_generate import add_model_args, load_for_inference
+from jaxtune.jsonl import write_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +165,7 @@ def _forgetting(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from jaxtune.data.chat import resolve_template
     from jaxtune.eval import ifeval, report, rigidity
-    from jaxtune.eval.forgetting import find_asset
+    from jaxtune.assets import find_asset
     from jaxtune.export import stop_token_ids
 
     t = resolve_target(args)
@@ -190,9 +191,8 @@ def _report(args: argparse.Namespace) -> int:
         responses = report.respond(model, tok, prompts, **gen_kw)
         scored[side] = ifeval.score_responses(inputs, responses)
         ifeval.write_results(scored[side], out / f"ifeval_{side}")
-        with open(out / f"ifeval_{side}" / "responses.jsonl", "w", encoding="utf-8") as f:
-            for p, r in zip(prompts, responses):
-                f.write(json.dumps({"prompt": p, "response": r}, ensure_ascii=False) + "\n")
+        write_jsonl(out / f"ifeval_{side}" / "responses.jsonl",
+                    ({"prompt": p, "response": r} for p, r in zip(prompts, responses)))
     rig = {}
     if not args.no_rigidity:
         probes = rigidity.load_probes(args.rigidity_probes)

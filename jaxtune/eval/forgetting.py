@@ -23,6 +23,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from jaxtune.jsonl import read_jsonl, write_jsonl
+
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 DEFAULT_BASE_PROBES = PROBES_DIR / "base_tasks_v1.jsonl"
 GENERAL_TEXT_NAME = "tinyshakespeare_input.txt"
@@ -42,13 +44,7 @@ def load_base_probes(path: str | os.PathLike | None = None) -> list[BaseProbe]:
     if not path.is_file():
         raise FileNotFoundError(f"base-task probe file {path} does not exist")
     probes, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    for n, rec in read_jsonl(path):
         for field in ("id", "prompt"):
             if not isinstance(rec.get(field), str) or not rec[field]:
                 raise ValueError(f"{path}:{n}: field '{field}' must be a non-empty string")
@@ -68,14 +64,9 @@ def token_agreement(reference: Sequence, candidate: Sequence) -> float:
     return sum(a == b for a, b in zip(reference, candidate)) / len(reference)
 
 
-def find_asset(relative: str) -> Path | None:
-    """A staged asset file from `$JAXTUNE_ASSETS`, else from the `shared/assets` folder beside the checkout."""
-    roots = [Path(os.environ["JAXTUNE_ASSETS"])] if os.environ.get("JAXTUNE_ASSETS") else []
-    roots.append(Path(__file__).resolve().parents[3] / "shared" / "assets")
-    return next((root / relative for root in roots if (root / relative).is_file()), None)
-
-
 def default_general_text() -> Path | None:
+    from jaxtune.assets import find_asset
+
     return find_asset(f"data/{GENERAL_TEXT_NAME}")
 
 
@@ -241,12 +232,9 @@ class ForgettingMonitor:
     def _save(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         if self.samples is not None:
-            with open(self.dir / "base_samples.jsonl", "w", encoding="utf-8") as f:
-                for s in self.samples:
-                    f.write(json.dumps({"ids": s, "text": self.tokenizer.decode(s, skip_special_tokens=True)}) + "\n")
-        with open(self.dir / "base_probe_outputs.jsonl", "w", encoding="utf-8") as f:
-            for o in self.base_outputs:
-                f.write(json.dumps(o) + "\n")
+            write_jsonl(self.dir / "base_samples.jsonl",
+                        ({"ids": s, "text": self.tokenizer.decode(s, skip_special_tokens=True)} for s in self.samples))
+        write_jsonl(self.dir / "base_probe_outputs.jsonl", self.base_outputs)
         doc = {"config": dataclasses.asdict(self.cfg), "sources": self._sources(), "base": self.base_metrics}
         (self.dir / "baseline.json").write_text(json.dumps(doc, indent=2) + "\n")
 
@@ -260,9 +248,8 @@ class ForgettingMonitor:
                              f"({doc['sources']['general_text']}); restore it or use a fresh run dir")
         samples = self.dir / "base_samples.jsonl"
         if samples.is_file():
-            self.samples = [json.loads(line)["ids"] for line in samples.read_text().splitlines() if line.strip()]
-        outputs = [json.loads(line) for line in (self.dir / "base_probe_outputs.jsonl").read_text().splitlines()
-                   if line.strip()]
+            self.samples = [rec["ids"] for _, rec in read_jsonl(samples)]
+        outputs = [rec for _, rec in read_jsonl(self.dir / "base_probe_outputs.jsonl")]
         missing = {p.id for p in self.probes} - {o["id"] for o in outputs}
         if missing:
             raise ValueError(f"{self.dir / 'base_probe_outputs.jsonl'} lacks recorded outputs for probes "

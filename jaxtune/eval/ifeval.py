@@ -26,6 +26,7 @@ from jaxtune.eval.ifeval_checks import (
     group_of,
     validate_instruction,
 )
+from jaxtune.jsonl import read_jsonl, write_jsonl
 
 __all__ = [
     "IFEvalResult",
@@ -34,7 +35,6 @@ __all__ = [
     "load_ifeval_inputs",
     "load_responses",
     "match_responses",
-    "read_jsonl",
     "register",
     "score_responses",
 ]
@@ -49,23 +49,6 @@ class IFEvalDataError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line number, record) for every non-blank line; a bad line raises naming file and line."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise IFEvalDataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object")
-            if not isinstance(record, dict):
-                raise IFEvalDataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            records.append((lineno, record))
-    return records
 
 
 def _parse_input(record: dict, where: str) -> dict:
@@ -90,7 +73,7 @@ def _parse_input(record: dict, where: str) -> dict:
 
 def _load_inputs_with_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
     path = Path(path)
-    return [(n, _parse_input(rec, f"{path}:{n}")) for n, rec in read_jsonl(path)]
+    return [(n, _parse_input(rec, f"{path}:{n}")) for n, rec in read_jsonl(path, IFEvalDataError)]
 
 
 def load_ifeval_inputs(path: str | os.PathLike) -> list[dict]:
@@ -101,7 +84,7 @@ def load_ifeval_inputs(path: str | os.PathLike) -> list[dict]:
 def load_responses(path: str | os.PathLike) -> list[tuple[int, dict]]:
     """(line, {prompt?, response}) records of a responses JSONL; `response` must be a string."""
     path = Path(path)
-    records = read_jsonl(path)
+    records = read_jsonl(path, IFEvalDataError)
     for n, rec in records:
         if not isinstance(rec.get("response"), str):
             raise IFEvalDataError(f"{path}:{n}: field 'response' must be a string (records are {{prompt, response}})")
@@ -288,20 +271,19 @@ def format_report(result: IFEvalResult) -> str:
 
 
 def _default_input() -> Path | None:
-    root = os.environ.get("JAXTUNE_ASSETS")
-    candidates = [Path(root) / "data" / DEFAULT_INPUT_NAME] if root else []
-    candidates.append(Path.cwd().parent / "shared" / "assets" / "data" / DEFAULT_INPUT_NAME)
-    return next((p for p in candidates if p.is_file()), None)
+    from jaxtune.assets import find_asset
+
+    return find_asset(f"data/{DEFAULT_INPUT_NAME}")
 
 
-def write_results(result: IFEvalResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `ifeval_results.jsonl` (one row per prompt) and `ifeval_summary.json`; return both paths."""
+def write_results(result, out_dir: str | os.PathLike, name: str = "ifeval") -> tuple[Path, Path]:
+    """Write `<name>_results.jsonl` (one row per scored prompt) and `<name>_summary.json`; return both paths.
+
+    `result` is an `IFEvalResult` or any result with `rows` (each with `to_dict()`) and `summary()`, such as the
+    over-rigidity probe's, so both commands lay out their output the same way."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows_path, summary_path = out / "ifeval_results.jsonl", out / "ifeval_summary.json"
-    with open(rows_path, "w", encoding="utf-8") as f:
-        for row in result.rows:
-            f.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
+    rows_path = write_jsonl(out / f"{name}_results.jsonl", (row.to_dict() for row in result.rows))
+    summary_path = out / f"{name}_summary.json"
     summary_path.write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     return rows_path, summary_path
 

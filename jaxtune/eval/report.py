@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from jaxtune.jsonl import read_jsonl
+
 SCHEMA_VERSION = 1
 HEADLINE_METRICS = ("prompt_strict", "instruction_strict", "prompt_loose", "instruction_loose", "format_adherence",
                     "ignored_constraint_rate")
@@ -30,19 +32,11 @@ REPORT_KEYS = ("schema_version", "jaxtune_version", "created_utc", "models", "se
 # -- inputs from a run dir ------------------------------------------------------------------------------------
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a run's `metrics.jsonl` (each a JSON object with at least `step`)."""
-    path = Path(path)
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+    rows = read_jsonl(path)
+    for n, row in rows:
+        if not isinstance(row.get("step"), int):
             raise ValueError(f"{path}:{n}: each line needs an integer 'step' field")
-        rows.append(row)
-    return rows
+    return [row for _, row in rows]
 
 
 def _finite(v) -> bool:

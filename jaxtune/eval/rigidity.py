@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxtune.eval.ifeval import IFEvalDataError, load_responses, match_responses, read_jsonl
+from jaxtune.eval.ifeval import IFEvalDataError, load_responses, match_responses, write_results
 from jaxtune.eval.ifeval_checks import check_instruction, check_instruction_loose, validate_instruction
+from jaxtune.jsonl import read_jsonl
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
 DEFAULT_PROBES = PROBES_DIR / "over_rigidity_v1.jsonl"
@@ -65,7 +65,7 @@ def load_probes(path: str | os.PathLike | None = None) -> list[Probe]:
     """Probes from a JSONL file (default: the packaged v1 set); every expectation is validated."""
     path = Path(path) if path is not None else DEFAULT_PROBES
     probes, seen = [], set()
-    for n, rec in read_jsonl(path):
+    for n, rec in read_jsonl(path, IFEvalDataError):
         where = f"{path}:{n}"
         for field in ("id", "prompt"):
             if not isinstance(rec.get(field), str) or not rec[field]:
@@ -173,13 +173,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     result = score_rigidity(probes, responses, loose=args.loose, probe_set=probes_path.stem)
     out = Path(args.out) if args.out else Path(f"rigidity_{Path(args.responses).stem}")
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "rigidity_results.jsonl", "w", encoding="utf-8") as f:
-        for row in result.rows:
-            f.write(json.dumps(row.to_dict(), ensure_ascii=False) + "\n")
-    (out / "rigidity_summary.json").write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
+    rows_path, summary_path = write_results(result, out, name="rigidity")
     print(format_report(result))
-    print(f"\nper-probe results: {out / 'rigidity_results.jsonl'}\nsummary: {out / 'rigidity_summary.json'}")
+    print(f"\nper-probe results: {rows_path}\nsummary: {summary_path}")
     return 0
 
 
