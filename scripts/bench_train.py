@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -73,12 +72,36 @@ def _jax_model(s: dict, abstract: bool = False):
                                          target_modules="all-linear"), nnx.Rngs(1))
         return model
 
-    model = nnx.eval_shape(build) if abstract else build()
+    model = nnx.eval_shape(build)
+    if not abstract:
+        _fill_random(model)
     if abstract:
         graphdef, trainable, frozen = nnx.split(model, trainable_filter(s["mode"]), ...)
     else:
         graphdef, trainable, frozen = split_trainable(model, trainable_filter(s["mode"]))
     return cfg, graphdef, trainable, frozen
+
+
+def _fill_random(model, seed: int = 0) -> None:
+    """Give an abstract model N(0, 0.02) weights (ones for 1-D leaves: norms), each drawn by one jitted op
+    directly in its dtype, so an 8B bf16 model never holds an fp32 copy (it must fit a 24 GiB cap)."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = nnx.state(model)
+    leaves, treedef = jax.tree.flatten(state)
+
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def draw(key, shape, dtype):
+        if len(shape) == 1:
+            return jnp.ones(shape, dtype)
+        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
 
 
 def _jax_step(s: dict):
@@ -87,6 +110,19 @@ def _jax_step(s: dict):
 
     tx = make_optimizer(OptimConfig(lr=s["lr"], warmup_steps=0, schedule="constant"), s["steps"] + s["warmup"] + 1)
     return tx, jit_train_step(tx, loss_chunk=s["loss_chunk"])
+
+
+def _resolved_attention(cfg, s: dict) -> str:
+    """The backend `attention_impl="auto"` picks for this run's training shapes."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxtune.model.attention_kernels import default_impl
+
+    if s["attention"] != "auto":
+        return s["attention"]
+    q = jax.ShapeDtypeStruct((s["batch"], s["seq"], cfg.num_attention_heads, cfg.head_dim), jnp.dtype(s["dtype"]))
+    return f"auto: {default_impl(q, q)}"
 
 
 def jax_worker(s: dict) -> dict:
@@ -127,7 +163,8 @@ def jax_worker(s: dict) -> dict:
     out = dict(bu.summarize(times, s["batch"] * s["seq"]), side="jaxtune", device=dev.device_kind,
                compile_s=compile_s, first_step_s=first_s, setup_s=setup_s, losses=losses,
                params=count_params(trainable) + count_params(frozen), trainable=count_params(trainable),
-               attention=s["attention"], peak_rss=bu.peak_rss_bytes(), peak_device=stats.get("peak_bytes_in_use"),
+               attention=_resolved_attention(cfg, s), peak_rss=bu.peak_rss_bytes(),
+               peak_device=stats.get("peak_bytes_in_use"),
                compiled_temp=getattr(mem, "temp_size_in_bytes", None))
     return out
 
@@ -142,12 +179,13 @@ def jax_memory_worker(s: dict) -> dict:
     cfg, graphdef, trainable, frozen = _jax_model(s, abstract=True)
     tx, step = _jax_step(s)
     opt_state = jax.eval_shape(tx.init, trainable)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in bu.synthetic_batch(s["batch"], s["seq"], 8, 0).items()}
+    example = bu.synthetic_batch(s["batch"], s["seq"], 8, 0)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example.items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))
     compiled = step.lower(graphdef, trainable, frozen, opt_state, batch, rng).compile()
     mem = compiled.memory_analysis()
-    nbytes = lambda tree: int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))  # noqa: E731
-    args = nbytes((trainable, frozen, opt_state, batch))
+    leaves = jax.tree.leaves((trainable, frozen, opt_state, batch))
+    args = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
     temp = int(mem.temp_size_in_bytes)
     out_extra = int(mem.output_size_in_bytes - mem.alias_size_in_bytes)
     return dict(side="jaxtune", device=jax.devices()[0].device_kind, compile_s=time.perf_counter() - t0,
@@ -255,6 +293,18 @@ def table(s: dict, results: list[dict]) -> str:
          "first step s", "attention"], rows)
 
 
+def memory_table(s: dict, r: dict) -> str:
+    head = (f"jaxtune compiled memory estimate ({r.get('device')}; XLA buffer assignment, not a measurement), "
+            f"preset `{s['preset']}` {s['mode']}, batch {s['batch']} × seq {s['seq']}, {s['dtype']}, "
+            f"remat {s['remat']}, scan_layers {s['scan_layers']}, loss_chunk {s['loss_chunk']}")
+    if "total" not in r:
+        return f"{head}: failed: {r.get('error')}\n{r.get('log')}"
+    row = [bu.fmt_bytes(r["arguments"]), bu.fmt_bytes(r["temp"]), bu.fmt_bytes(r["outputs_not_aliased"]),
+           bu.fmt_bytes(r["total"]), r["compile_s"]]
+    return head + "\n\n" + bu.markdown_table(
+        ["arguments (params+opt+batch)", "temporaries", "outputs not aliased", "total", "compile s"], [row])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(bu.PRESETS), default="tiny")
@@ -265,7 +315,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=("float32", "bfloat16"))
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
-    p.add_argument("--platform", choices=("cpu", "gpu"), help="which preset defaults (default: GPU if nvidia-smi works)")
+    p.add_argument("--platform", choices=("cpu", "gpu"),
+                   help="which preset defaults to use (default: gpu when nvidia-smi works)")
     p.add_argument("--attention", default="auto", help="jaxtune attention_impl")
     p.add_argument("--hf-attention", default="sdpa", help="transformers attn_implementation")
     p.add_argument("--hf-compile", action="store_true", help="torch.compile the PyTorch model")
@@ -275,6 +326,7 @@ def main(argv=None) -> int:
     p.add_argument("--loss-chunk", type=int)
     p.add_argument("--memory-only", action="store_true", help="jaxtune compiled memory estimate, no run")
     p.add_argument("--mem-cap-gb", type=float, help="GPU: cap the jaxtune process at this much device memory")
+    p.add_argument("--plain-xla", action="store_true", help="CPU: run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", help="directory for bench_train_<preset>_<mode>.{md,json}")
     p.add_argument("--worker", choices=("jaxtune", "transformers", "memory"), help=argparse.SUPPRESS)
@@ -288,9 +340,10 @@ def main(argv=None) -> int:
         bu.write_result(args.result, fn(s))
         return 0
 
+    m = bu.machine()
     s = settings(args)
     s.update(hf_attention=args.hf_attention, hf_compile=args.hf_compile)
-    env = {}
+    env = bu.jax_env(s["platform"], not args.plain_xla)
     if args.mem_cap_gb and s["platform"] == "gpu":
         total = bu.gpu_memory_bytes()
         if total:
@@ -299,26 +352,21 @@ def main(argv=None) -> int:
     results = []
     if args.memory_only:
         r = bu.run_worker(me + ["--worker", "memory", "--settings", json.dumps(s)], timeout=args.timeout, env=env)
-        report = (f"jaxtune compiled memory estimate ({r.get('device')}; XLA buffer assignment, not a measurement), "
-                  f"preset `{s['preset']}` {s['mode']}, batch {s['batch']} × seq {s['seq']}, {s['dtype']}, "
-                  f"remat {s['remat']}, scan_layers {s['scan_layers']}, loss_chunk {s['loss_chunk']}:\n\n")
-        report += bu.markdown_table(["arguments (params+opt+batch)", "temporaries", "outputs not aliased", "total",
-                                     "compile s"],
-                                    [[bu.fmt_bytes(r.get("arguments")), bu.fmt_bytes(r.get("temp")),
-                                      bu.fmt_bytes(r.get("outputs_not_aliased")), bu.fmt_bytes(r.get("total")),
-                                      r.get("compile_s")]]) if "total" in r else report + f"failed: {r.get('error')}\n{r.get('log')}"
         results.append(r)
+        report = memory_table(s, r)
     else:
         for side in args.sides.split(","):
             r = bu.run_worker(me + ["--worker", side, "--settings", json.dumps(s)], timeout=args.timeout,
-                              env=env if side == "jaxtune" else {})
+                              env=env if side == "jaxtune" else bu.torch_env())
             r.setdefault("side", side)
             if "error" in r:
                 print(f"[{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
             results.append(r)
         report = table(s, results)
-    m = bu.machine()
-    text = f"{report}\n\nMachine: {bu.machine_markdown(m)}\n\nCommand: `python scripts/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n"
+    envs = f"jaxtune env: {bu.env_note(env)}; PyTorch env: {bu.env_note(bu.torch_env())}"
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    text = (f"{report}\n\n{envs}\n\nMachine: {bu.machine_markdown(m)}\n\n"
+            f"Command: `python scripts/bench_train.py {command}`\n")
     print(text)
     if args.out:
         out = Path(args.out)

@@ -80,7 +80,8 @@ def jax_worker(s: dict) -> dict:
     from jaxtune.train.step import jit_eval_step, jit_train_step
 
     raw = {
-        "model": {"path": s["model"], "dtype": "float32", "attention_impl": s["attention"]},
+        "model": {"path": s["model"], "dtype": "float32", "attention_impl": s["attention"],
+                  "scan_layers": s["scan_layers"]},
         "data": {"train": s["train"], "validation": s["eval"], "format": "alpaca", "chat_template": "alpaca",
                  "seq_len": JOB["max_len"], "packing": s["packing"], "num_epochs": s["epochs"],
                  "shuffle_seed": JOB["seed"], "cache_dir": None},
@@ -103,17 +104,21 @@ def jax_worker(s: dict) -> dict:
     before = evaluate(eval_fn, graphdef, trainable, frozen, eval_batches, mesh)
     key = jax.random.key(JOB["seed"])
 
-    tokens, losses, first_step_s = 0.0, [], None
+    # As train/loop.py does: the step's metrics are fetched every step (a host sync), unless `async_metrics`
+    # keeps them on device until the end so the host can prepare the next batch while the step runs.
+    pending, first_step_s = [], None
     t0 = time.perf_counter()
     for step in range(loader.total_steps):
         batch = shard_batch(next(loader), mesh)
         trainable, opt_state, m = step_fn(graphdef, trainable, frozen, opt_state, batch, jax.random.fold_in(key, step))
-        m = jax.device_get(m)
-        tokens += float(m["tokens"])
-        losses.append(float(m["loss"]))
+        pending.append(m if s["async_metrics"] else jax.device_get(m))
         if step == 0:
+            jax.block_until_ready(m)
             first_step_s = time.perf_counter() - t0
+    pending = jax.device_get(pending)
     train_s = time.perf_counter() - t0
+    tokens = float(sum(float(m["tokens"]) for m in pending))
+    losses = [float(m["loss"]) for m in pending]
     after = evaluate(eval_fn, graphdef, trainable, frozen, eval_batches, mesh)
     n_train = count_params(trainable)
     n_all = n_train + count_params(frozen)
@@ -155,9 +160,6 @@ def trl_worker(s: dict) -> dict:
     import trl
 
     torch.manual_seed(JOB["seed"])
-    import os
-    if os.environ.get("FTZ"):
-        torch.set_flush_denormal(True)
     tok = transformers.AutoTokenizer.from_pretrained(s["model"])
     tok.pad_token = tok.eos_token
     model = transformers.AutoModelForCausalLM.from_pretrained(s["model"], dtype=torch.float32)
@@ -232,6 +234,10 @@ def main(argv=None) -> int:
     p.add_argument("--trl-python", default=str(ROOT / ".venv-bench" / "bin" / "python"))
     p.add_argument("--assets", default=str(ASSETS))
     p.add_argument("--attention", default="auto", help="jaxtune attention_impl")
+    p.add_argument("--scan-layers", action="store_true", help="jaxtune model.scan_layers")
+    p.add_argument("--plain-xla", action="store_true", help="run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
+    p.add_argument("--async-metrics", action="store_true",
+                   help="jaxtune: fetch step metrics once at the end, not every step as train/loop.py does")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", help="directory for bench_vs_trl.{md,json}")
     p.add_argument("--worker", choices=("jaxtune", "trl"), help=argparse.SUPPRESS)
@@ -252,6 +258,9 @@ def main(argv=None) -> int:
             return 2
     sides = args.sides.split(",")
     trl_ok = Path(args.trl_python).exists()
+    m = bu.machine()
+    plat = "gpu" if m["gpu"] else "cpu"
+    envs = {"jaxtune": bu.jax_env(plat, not args.plain_xla), "trl": bu.torch_env()}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         train, evalf = write_split(data, Path(tmp))
@@ -260,22 +269,24 @@ def main(argv=None) -> int:
                 if side == "trl" and run == "packed" and not args.trl_packed:
                     continue
                 s = dict(RUNS[run], model=str(model), train=str(train), eval=str(evalf), epochs=args.epochs,
-                         attention=args.attention, run_dir=str(Path(tmp) / f"{run}-{side}"))
+                         attention=args.attention, async_metrics=args.async_metrics, scan_layers=args.scan_layers,
+                         run_dir=str(Path(tmp) / f"{run}-{side}"))
                 if side == "trl" and not trl_ok:
                     r = {"side": "TRL", "skipped": f"no TRL environment at {args.trl_python} (see --help)"}
                 else:
                     argv_w = [str(Path(__file__).resolve()), "--worker", side, "--settings", json.dumps(s)]
-                    r = bu.run_worker(argv_w, timeout=args.timeout, python=args.trl_python if side == "trl" else None)
+                    r = bu.run_worker(argv_w, timeout=args.timeout, env=envs[side],
+                                      python=args.trl_python if side == "trl" else None)
                 r.setdefault("side", "TRL" if side == "trl" else "jaxtune")
                 if "error" in r:
                     print(f"[{run}/{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
                 rows.append((run, r))
                 print(f"[{run}/{side}] " + json.dumps({k: v for k, v in r.items() if k != "log"}, default=str),
                       file=sys.stderr)
-    m = bu.machine()
     trl_versions = next((r["versions"] for _, r in rows if r.get("versions")), None)
     env = f"; TRL environment: {', '.join(f'{k} {v}' for k, v in trl_versions.items() if v)}" if trl_versions else ""
-    text = (f"{table(rows)}\n\nMachine: {bu.machine_markdown(m)}{env}\n\n"
+    text = (f"{table(rows)}\n\njaxtune env: {bu.env_note(envs['jaxtune'])}; TRL env: {bu.env_note(envs['trl'])}\n\n"
+            f"Machine: {bu.machine_markdown(m)}{env}\n\n"
             f"Command: `python scripts/bench_vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
     print(text)
     if args.out:

@@ -23,13 +23,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxtune.model.attention import NEG_INF, visibility, xla_attention
 
 Array = jax.Array
 IMPLS = ("xla", "blockwise", "cudnn", "splash")
-# Blocks per side at most: the block pairs are unrolled, so this bounds graph size and compile time.
+# Blocks per side at most: each block diagonal is one unrolled step, so this bounds graph size and compile time.
 MAX_BLOCKS = 16
 MIN_BLOCK = 64
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
