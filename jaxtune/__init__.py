@@ -1,5 +1,10 @@
 """jaxtune: supervised instruction tuning of Hugging Face causal LMs in JAX/Flax NNX."""
 
+# Before anything imports jax: the default XLA:CPU flags (jaxtune/xla_flags.py; opt out: JAXTUNE_XLA_CPU_FLAGS=0).
+from jaxtune.xla_flags import apply_default_cpu_flags as _apply_default_cpu_flags
+
+_apply_default_cpu_flags()
+
 __version__ = "0.1.0"
 
 # Lazy public surface: `jaxtune eval ifeval` and other light commands should not pay for importing jax.

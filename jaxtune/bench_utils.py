@@ -1,12 +1,14 @@
 """Shared by `scripts/bench_*.py`: model presets, synthetic batches, timing summaries, peak memory, the
-software/machine record and markdown tables.
+software/machine record, markdown tables and the worker processes each side runs in.
 
-Imports only the standard library and numpy, so a benchmark's PyTorch side never loads JAX (and the other
-way round): each side runs in its own process and its peak memory is its own.
+Imports only the standard library and numpy (`jaxtune.xla_flags` is standard library too), so a benchmark's
+PyTorch side never loads JAX (and the other way round): each side runs in its own process and its peak memory
+is its own.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import importlib.metadata
 import json
@@ -20,6 +22,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from jaxtune.xla_flags import FAST_CPU_XLA_FLAGS, OPT_OUT_VAR  # standard library only
 
 # Llama-architecture shapes (transformers `LlamaConfig` keyword arguments); weights are random.
 PRESETS: dict[str, dict] = {
@@ -54,18 +58,17 @@ RUN_DEFAULTS: dict[tuple[str, str], dict] = {
 }
 
 
-# XLA:CPU flags the jaxtune side runs with on CPU: YNNPACK also for elementwise and reduce fusions, which
-# removes most of the transposes XLA otherwise inserts around the small matmuls (measured 1.3–1.6× on the
-# stories260K train step with jaxlib 0.10.2; numerics unchanged, the parity tests pass with it).
-FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce"
-
-
 def jax_env(platform: str, fast_cpu_flags: bool = True) -> dict:
-    """Environment additions for a JAX worker: the CPU flags above (kept out of GPU runs)."""
-    if platform != "cpu" or not fast_cpu_flags:
+    """Environment additions for a JAX worker. On CPU, XLA_FLAGS with `FAST_CPU_XLA_FLAGS` (jaxtune's default
+    there, `jaxtune/xla_flags.py`), or without it and with that default turned off (`--plain-xla`). Importing
+    jaxtune may already have appended the flag to this process's XLA_FLAGS, which a worker inherits, so it
+    is taken out first. Nothing on GPU (the flag is CPU-only)."""
+    if platform != "cpu":
         return {}
-    flags = os.environ.get("XLA_FLAGS", "")
-    return {"XLA_FLAGS": f"{flags} {FAST_CPU_XLA_FLAGS}".strip()}
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_CPU_XLA_FLAGS]
+    if fast_cpu_flags:
+        return {"XLA_FLAGS": " ".join([*flags, FAST_CPU_XLA_FLAGS])}
+    return {"XLA_FLAGS": " ".join(flags), OPT_OUT_VAR: "0"}
 
 
 def torch_env() -> dict:
@@ -76,7 +79,7 @@ def torch_env() -> dict:
 
 
 def env_note(env: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in env.items()) or "none"
+    return ", ".join(f"{k}={v}" if v else f'{k}=""' for k, v in env.items()) or "none"
 
 
 def hf_config_kwargs(preset: str) -> dict:
@@ -212,6 +215,30 @@ def write_result(path: str | None, data: dict) -> None:
     """A worker's last act: its measurements as JSON for the parent."""
     if path:
         Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+# A benchmark runs each side by calling itself as a worker: `script --worker NAME --settings JSON --result FILE`.
+def add_worker_args(parser: argparse.ArgumentParser, workers) -> None:
+    """The hidden options of a worker process; `workers`: the worker names (or the dict `dispatch_worker` takes)."""
+    parser.add_argument("--worker", choices=tuple(workers), help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+
+
+def dispatch_worker(args: argparse.Namespace, workers: dict) -> bool:
+    """In a worker process (`--worker NAME`): run `workers[NAME](settings)` and write its result; True.
+    False in the parent (no `--worker`)."""
+    if not args.worker:
+        return False
+    write_result(args.result, workers[args.worker](json.loads(args.settings)))
+    return True
+
+
+def spawn_worker(script: str, worker: str, settings: dict, *, timeout: float, env: dict | None = None,
+                 python: str | None = None) -> dict:
+    """`run_worker` on `script --worker WORKER --settings JSON` (the parent's side of `dispatch_worker`)."""
+    return run_worker([script, "--worker", worker, "--settings", json.dumps(settings)], timeout=timeout, env=env,
+                      python=python)
 
 
 def flops_per_token(preset_or_cfg, seq: int, mode: str, lora_rank: int = 16) -> tuple[float, int, int]:

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", action="append", help="B,T,H,K,D (repeatable); default stories260K's 16,256,8,4,8")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--impls", default="xla,blockwise")
+    p.add_argument("--impls", default="xla,blockwise,cpu_flash", help="comma list (cpu_flash is CPU only)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--torch", action="store_true", help="also time PyTorch SDPA (is_causal, GQA) on the same shape")
     p.add_argument("--out", help="file to write the markdown table to")

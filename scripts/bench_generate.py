@@ -110,6 +110,9 @@ def hf_worker(s: dict) -> dict:
                 peak_device=torch.cuda.max_memory_allocated() if cuda else None, threads=torch.get_num_threads())
 
 
+WORKERS = {"jaxtune": jax_worker, "transformers": hf_worker}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(bu.PRESETS), default="tiny")
@@ -125,13 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--plain-xla", action="store_true", help="CPU: run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", help="directory for bench_generate_<preset>.{md,json}")
-    p.add_argument("--worker", choices=("jaxtune", "transformers"), help=argparse.SUPPRESS)
-    p.add_argument("--settings", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    bu.add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
-    if args.worker:
-        s = json.loads(args.settings)
-        bu.write_result(args.result, (jax_worker if args.worker == "jaxtune" else hf_worker)(s))
+    if bu.dispatch_worker(args, WORKERS):
         return 0
 
     m = bu.machine()
@@ -148,8 +147,7 @@ def main(argv=None) -> int:
         s = dict(base, batch=batch)
         got = {}
         for side in args.sides.split(","):
-            r = bu.run_worker([str(Path(__file__).resolve()), "--worker", side, "--settings", json.dumps(s)],
-                              timeout=args.timeout, env=envs.get(side))
+            r = bu.spawn_worker(str(Path(__file__).resolve()), side, s, timeout=args.timeout, env=envs.get(side))
             r.setdefault("side", side)
             if "error" in r:
                 print(f"[{side} batch {batch}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)

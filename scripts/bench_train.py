@@ -305,6 +305,9 @@ def memory_table(s: dict, r: dict) -> str:
         ["arguments (params+opt+batch)", "temporaries", "outputs not aliased", "total", "compile s"], [row])
 
 
+WORKERS = {"jaxtune": jax_worker, "transformers": hf_worker, "memory": jax_memory_worker}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(bu.PRESETS), default="tiny")
@@ -329,15 +332,10 @@ def main(argv=None) -> int:
     p.add_argument("--plain-xla", action="store_true", help="CPU: run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
     p.add_argument("--timeout", type=float, default=900)
     p.add_argument("--out", help="directory for bench_train_<preset>_<mode>.{md,json}")
-    p.add_argument("--worker", choices=("jaxtune", "transformers", "memory"), help=argparse.SUPPRESS)
-    p.add_argument("--settings", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    bu.add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
 
-    if args.worker:
-        s = json.loads(args.settings)
-        fn = {"jaxtune": jax_worker, "transformers": hf_worker, "memory": jax_memory_worker}[args.worker]
-        bu.write_result(args.result, fn(s))
+    if bu.dispatch_worker(args, WORKERS):
         return 0
 
     m = bu.machine()
@@ -348,16 +346,15 @@ def main(argv=None) -> int:
         total = bu.gpu_memory_bytes()
         if total:
             env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{min(1.0, args.mem_cap_gb * 2**30 / total):.4f}"
-    me = [str(Path(__file__).resolve())]
+    me = str(Path(__file__).resolve())
     results = []
     if args.memory_only:
-        r = bu.run_worker(me + ["--worker", "memory", "--settings", json.dumps(s)], timeout=args.timeout, env=env)
+        r = bu.spawn_worker(me, "memory", s, timeout=args.timeout, env=env)
         results.append(r)
         report = memory_table(s, r)
     else:
         for side in args.sides.split(","):
-            r = bu.run_worker(me + ["--worker", side, "--settings", json.dumps(s)], timeout=args.timeout,
-                              env=env if side == "jaxtune" else bu.torch_env())
+            r = bu.spawn_worker(me, side, s, timeout=args.timeout, env=env if side == "jaxtune" else bu.torch_env())
             r.setdefault("side", side)
             if "error" in r:
                 print(f"[{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)

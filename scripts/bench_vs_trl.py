@@ -225,6 +225,9 @@ def table(rows: list[tuple[str, dict]]) -> str:
                               "after − TRL", "peak RSS", "trainable", "detail"], out)
 
 
+WORKERS = {"jaxtune": jax_worker, "trl": trl_worker}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="lora,full,packed", help=f"comma list of {', '.join(RUNS)}")
@@ -240,14 +243,10 @@ def main(argv=None) -> int:
                    help="jaxtune: fetch step metrics once at the end, not every step as train/loop.py does")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", help="directory for bench_vs_trl.{md,json}")
-    p.add_argument("--worker", choices=("jaxtune", "trl"), help=argparse.SUPPRESS)
-    p.add_argument("--settings", help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
+    bu.add_worker_args(p, WORKERS)
     args = p.parse_args(argv)
 
-    if args.worker:
-        s = json.loads(args.settings)
-        bu.write_result(args.result, (jax_worker if args.worker == "jaxtune" else trl_worker)(s))
+    if bu.dispatch_worker(args, WORKERS):
         return 0
 
     assets = Path(args.assets)
@@ -274,9 +273,8 @@ def main(argv=None) -> int:
                 if side == "trl" and not trl_ok:
                     r = {"side": "TRL", "skipped": f"no TRL environment at {args.trl_python} (see --help)"}
                 else:
-                    argv_w = [str(Path(__file__).resolve()), "--worker", side, "--settings", json.dumps(s)]
-                    r = bu.run_worker(argv_w, timeout=args.timeout, env=envs[side],
-                                      python=args.trl_python if side == "trl" else None)
+                    r = bu.spawn_worker(str(Path(__file__).resolve()), side, s, timeout=args.timeout, env=envs[side],
+                                        python=args.trl_python if side == "trl" else None)
                 r.setdefault("side", "TRL" if side == "trl" else "jaxtune")
                 if "error" in r:
                     print(f"[{run}/{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)

@@ -270,3 +270,37 @@ def test_param_report_at_real_scale():
     per_layer = 16 * (2 * (2048 + 2048) + 2 * (2048 + 512) + 3 * (2048 + 8192))
     assert rep.lora_params == 16 * per_layer and 0.001 < rep.lora_fraction < 0.01
     assert rep.lora_memory["total"] < 0.3 * rep.full_memory["total"]
+
+
+def test_merge_rule_picks_only_tiny_layers():
+    from jaxtune.model.layers import merge_is_cheaper
+
+    assert merge_is_cheaper(64, 172, 8) and merge_is_cheaper(64, 64, 8)  # stories260K
+    assert not merge_is_cheaper(576, 1536, 16)  # SmolLM-135M: ratio 26
+    assert not merge_is_cheaper(4096, 14336, 16) and not merge_is_cheaper(2048, 2048, 64)
+
+
+@pytest.mark.parametrize("scan", LAYOUTS)
+def test_merged_forward_matches_factored(llama, scan, monkeypatch):
+    """The on-the-fly merged form `x (W + s·B·A)ᵀ` and the factored `x Wᵀ + s·(x Aᵀ) Bᵀ` give the same loss
+    and adapter gradients (the tiny zoo's layers take the merged form; ratio 0 forces the factored one)."""
+    from jaxtune.model import layers
+
+    path, _ = llama
+    model = randomize_b(apply_lora(load_pretrained(path, scan_layers=scan), LoraConfig(rank=8, alpha=16), rngs=1))
+    assert all(layers.merge_is_cheaper(lin.in_features, lin.out_features, 8) for _, lin, _ in lora_sites(model))
+    graphdef, trainable, frozen = split_trainable(model, trainable_filter("lora"))
+    ids = _ids(128, (2, 24))
+
+    mask = jnp.ones(ids.shape, jnp.float32)
+
+    def loss(params):
+        nll, _, n = sequence_nll(nnx.merge(graphdef, params, frozen), ids, jnp.roll(ids, -1, axis=1), mask)
+        return nll / n
+
+    merged = jax.value_and_grad(loss)(trainable)
+    monkeypatch.setattr(layers, "MERGE_RATIO", 0)
+    factored = jax.value_and_grad(loss)(trainable)
+    np.testing.assert_allclose(merged[0], factored[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(merged[1]), jax.tree.leaves(factored[1])):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)

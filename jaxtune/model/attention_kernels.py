@@ -7,6 +7,8 @@
 - `cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16). Causality is its
   `is_causal`; rows holding one sequence plus right padding use its sequence-length arguments, and packed
   rows (several segment ids) add the segment-equality mask, chosen at run time.
+- `cpu_flash`: a fused C++ flash kernel for XLA:CPU through the XLA FFI (`cpu_attention.py`), built on
+  first use; the CPU default on a single device (XLA partitions a custom call only by replicating it).
 - `splash`: Pallas splash attention (TPU; in interpret mode elsewhere, which is only for tests), causal or
   local mask objects plus its native segment ids.
 
@@ -24,10 +26,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxtune.model import cpu_attention
 from jaxtune.model.attention import NEG_INF, visibility, xla_attention
 
 Array = jax.Array
-IMPLS = ("xla", "blockwise", "cudnn", "splash")
+IMPLS = ("xla", "blockwise", "cpu_flash", "cudnn", "splash")
 # Blocks per side at most: each block diagonal is one unrolled step, so this bounds graph size and compile time.
 MAX_BLOCKS = 16
 MIN_BLOCK = 64
@@ -51,6 +54,8 @@ def default_impl(q: Array, k: Array) -> str:
         return "splash"
     if kind == "gpu" and q.dtype in CUDNN_DTYPES and d % 8 == 0 and d <= 128:
         return "cudnn"
+    if kind == "cpu" and jax.device_count() == 1 and cpu_attention.supports(q, k) and cpu_attention.available():
+        return "cpu_flash"
     return "blockwise"
 
 
@@ -62,6 +67,8 @@ def run(impl: str, q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, 
         return xla_attention(q, k, v, visibility(q_idx, k_idx, q_seg, k_seg, window, sliding))
     if impl == "blockwise":
         return blockwise_attention(q, k, v, **kw)
+    if impl == "cpu_flash":
+        return cpu_attention.cpu_flash_attention(q, k, v, **kw)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, **kw)
     if impl == "splash":

@@ -11,7 +11,7 @@ from typing import Any
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
-ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cpu_flash", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots")
 
 

@@ -22,6 +22,20 @@ def _normal(rngs: nnx.Rngs, shape, std, dtype):
     return std * jax.random.normal(rngs.params(), shape, dtype)
 
 
+# Merge an adapter into its weight on the fly when in·out ≤ MERGE_RATIO·r·(in + out) (see merge_is_cheaper).
+MERGE_RATIO = 8
+
+
+def merge_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
+    """Whether `x (W + s·B·A)ᵀ` beats `x Wᵀ + s·(x Aᵀ) Bᵀ` for a LoRA layer.
+
+    Per token the merged form costs 3·in·out FLOP-units (forward, input gradient, weight gradient) against
+    2·in·out + 3·r·(in + out) for the factored one, and its three matmuls have full-width contractions where
+    the factored one has rank-r contractions, which run far below peak on CPUs. Only tiny layers qualify
+    (stories260K's, not SmolLM-135M's: the ratio there is 26)."""
+    return in_features * out_features <= MERGE_RATIO * rank * (in_features + out_features)
+
+
 class Linear(nnx.Module):
     """`y = x Wᵀ (+ b) + scale · dropout(x) Aᵀ Bᵀ`; LoRA leaves (PEFT layout) are absent until `lora.apply_lora`."""
 
@@ -38,6 +52,13 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
         x = x.astype(self.dtype)
+        dropout = self.lora_dropout > 0.0 and dropout_rng is not None
+        if self.lora_A is not None and not dropout and merge_is_cheaper(self.in_features, self.out_features,
+                                                                        self.lora_A.shape[-2]):
+            a, b = self.lora_A[...].astype(jnp.float32), self.lora_B[...].astype(jnp.float32)
+            w = self.weight[...].astype(jnp.float32) + self.lora_scale * jnp.einsum("or,ri->oi", b, a)
+            y = jnp.einsum("...i,oi->...o", x, w.astype(self.dtype))
+            return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
         y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

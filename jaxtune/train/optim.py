@@ -130,10 +130,16 @@ def accumulate_grads(loss_sums_fn, params, micro_batches):
         return (g_acc, nll_acc + nll, n_acc + n, m_acc), None
 
     first = jax.tree.map(lambda x: x[0], micro_batches)
-    _, (_, metrics_shape) = jax.eval_shape(f, params, first)
-    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
-             jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
-    (g, nll, n, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
+    if jax.tree.leaves(micro_batches)[0].shape[0] == 1:
+        # One micro-batch: no scan. A loop body is a fusion and buffer-assignment boundary for XLA, and the
+        # loop costs compile time; the arithmetic is the same as the scan's first iteration.
+        (nll, (n, metrics)), g = grad_fn(params, first)
+        g = jax.tree.map(lambda b: b.astype(jnp.float32), g)
+    else:
+        _, (_, metrics_shape) = jax.eval_shape(f, params, first)
+        zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.zeros((), jnp.float32),
+                 jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape))
+        (g, nll, n, metrics), _ = jax.lax.scan(body, zeros, micro_batches)
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
     return nll / denom, grads, n, metrics

@@ -1,0 +1,166 @@
+"""`cpu_flash`: a fused flash-attention kernel for XLA:CPU (`cpu_attention.cc`) behind the attention interface.
+
+XLA:CPU runs attention as separate passes (matmuls with a contraction of head_dim, then mask, exp, sum),
+each at a few GFLOP/s when head_dim is small; the C++ kernel keeps a 64-key tile in registers across all of
+them, for the forward and for a recomputing backward. It is compiled on first use with the system C++
+compiler against the FFI headers that ship with jaxlib, and cached under `$JAXTUNE_CACHE_DIR` (default
+`~/.cache/jaxtune`), keyed by the source, jaxlib version, compiler flags and CPU. Without a compiler the
+`auto` choice falls back to `blockwise` (with one warning); asking for `cpu_flash` then raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+HEAD_DIMS = (8, 16, 32, 64, 96, 128, 256)  # JAXTUNE_HEAD_DIMS in the source; others are zero-padded up
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_FWD, _BWD = "jaxtune_cpu_flash_fwd", "jaxtune_cpu_flash_bwd"
+
+
+class KernelUnavailable(RuntimeError):
+    """The C++ kernel could not be built or loaded on this machine."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("JAXTUNE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxtune")
+    return Path(root) / "kernels"
+
+
+def _cpu_id() -> str:
+    """What `-march=native` depends on: the CPU model and its feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+def library_path() -> Path:
+    """Build the shared library if needed (atomic rename, so concurrent builders cannot clash)."""
+    cxx = _compiler()
+    if cxx is None:
+        raise KernelUnavailable("no C++ compiler found (set CXX or install g++)")
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(),
+                                     " ".join(FLAGS).encode(), _cpu_id().encode()])).hexdigest()[:16]
+    out = cache_dir() / f"cpu_attention-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    try:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:
+            raise KernelUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from e
+        if proc.returncode != 0:
+            raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _register() -> None:
+    lib = ctypes.CDLL(str(library_path()))
+    jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.JaxtuneFlashFwd), platform="cpu")
+    jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.JaxtuneFlashBwd), platform="cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether the kernel is built and registered; logs the reason once when it is not."""
+    try:
+        _register()
+        return True
+    except (KernelUnavailable, OSError) as e:
+        log.warning("cpu_flash attention unavailable, using blockwise: %s", e)
+        return False
+
+
+def supports(q: Array, k: Array) -> bool:
+    return q.shape[-1] <= HEAD_DIMS[-1] and q.shape[2] % k.shape[2] == 0
+
+
+def _kernel_dim(d: int) -> int:
+    """The specialised head dim a `d`-dim head runs as (zero-padded: zeros change no score or output)."""
+    return next(n for n in HEAD_DIMS if n >= d)
+
+
+def _call(name, results, *args, window, scale):
+    fn = jax.ffi.ffi_call(name, results, vmap_method="sequential")
+    return fn(*args, window=np.int64(window), scale=np.float32(scale))
+
+
+@functools.lru_cache(maxsize=None)
+def _flash(window: int, scale: float):
+    """custom_vjp pair of FFI calls for one static (window, scale)."""
+    attrs = dict(window=window, scale=scale)
+
+    def forward(q, k, v, *mask):
+        b, t, h, _ = q.shape
+        results = (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct((b, h, t), jnp.float32))
+        return _call(_FWD, results, q, k, v, *mask, **attrs)
+
+    @jax.custom_vjp
+    def f(q, k, v, *mask):
+        return forward(q, k, v, *mask)[0]
+
+    def fwd(q, k, v, *mask):
+        out, lse = forward(q, k, v, *mask)
+        return out, (q, k, v, mask, out, lse)
+
+    def bwd(res, dout):
+        q, k, v, mask, out, lse = res
+        results = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+        dq, dk, dv = _call(_BWD, results, q, k, v, *mask, out, lse, dout.astype(jnp.float32), **attrs)
+        return (dq, dk, dv) + (None,) * len(mask)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+def cpu_flash_attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array,
+                        window: int | None, sliding: Array | bool = True) -> Array:
+    """Attention of `q[B,T,H,D]` over `k,v[B,S,K,D]` with `attention.visibility`, computed in fp32."""
+    if not supports(q, k):
+        raise ValueError(f"cpu_flash supports head_dim <= {HEAD_DIMS[-1]} and query heads divisible by KV "
+                         f"heads; got q {q.shape}, k {k.shape}")
+    if not available():
+        raise KernelUnavailable("cpu_flash attention is unavailable on this machine (see the warning above)")
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    d = q.shape[-1]
+    pad = lambda x: jnp.pad(f32(x), [(0, 0)] * 3 + [(0, _kernel_dim(d) - d)])  # noqa: E731
+    mask = (i32(q_idx), i32(k_idx), i32(q_seg), i32(k_seg), i32(sliding).reshape(1))
+    out = _flash(-1 if window is None else int(window), 1.0 / math.sqrt(d))(pad(q), pad(k), pad(v), *mask)
+    return out[..., :d].astype(q.dtype)
