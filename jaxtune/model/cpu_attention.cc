@@ -326,8 +326,10 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
     }
     KeyTile<D> tile;
     // dk/dv of the tile accumulate transposed ([D][BK]) so their updates run along the keys.
-    alignas(64) float dkt[D][BK], dvt[D][BK], ds[BK], qs[D];
-    v16 sc[NV], pv[NV], dsv[NV];
+    constexpr int GB = 4;
+    alignas(64) float dkt[D][BK], dvt[D][BK], ds[BK], qsb[GB][D];
+    v16 sc[NV], pvb[GB][NV], dsb[GB][NV];
+    const float* dob[GB];
     v16i vis[NV];
     for (int64_t kb = 0; kb < nkb; ++kb) {
       tile.load(k, v, m, s, b, kh, kb * BK, true);
@@ -337,36 +339,46 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
         if (!m.reachable(b, kb, nkb, qlo[qb], qhi[qb])) continue;
         for (int64_t t = qb * BQ; t < std::min<int64_t>(s.T, (qb + 1) * BQ); ++t) {
           const int32_t qi = m.q_idx[b * s.T + t], qg = m.q_seg[b * s.T + t];
-          for (int64_t g = 0; g < s.G; ++g) {
-            const int64_t h = kh * s.G + g, off = ((b * s.T + t) * s.H + h) * D;
-            const float row_lse = lse[(b * s.H + h) * s.T + t];
-            if (!std::isfinite(row_lse)) continue;
-            for (int d = 0; d < D; ++d) qs[d] = q[off + d] * scale;
-            if (!tile.scores(qs, qi, qg, m, sc, vis)) continue;
-            const float* dor = dout + off;
-            v16 dp[NV] = {};
-            for (int d = 0; d < D; ++d) {
-              const v16 od = splat(dor[d]);
-              for (int c = 0; c < NV; ++c) dp[c] += od * vload(&tile.vt[d][c * 16]);
-            }
-            const float dl = delta[g * s.T + t];
-            for (int c = 0; c < NV; ++c) {
-              pv[c] = vis[c] ? vexp(sc[c] - row_lse) : v16{};
-              dsv[c] = pv[c] * (dp[c] - dl);
-              std::memcpy(&ds[c * 16], &dsv[c], sizeof(v16));
-            }
-            for (int d = 0; d < D; ++d) {
-              const v16 od = splat(dor[d]), qd = splat(qs[d]);
+          // Up to GB query heads of this row at a time: their dk/dv contributions are summed before the
+          // accumulators are loaded and stored, once per row instead of once per head.
+          for (int64_t g0 = 0; g0 < s.G; g0 += GB) {
+            int n = 0;
+            for (int64_t g = g0; g < std::min<int64_t>(s.G, g0 + GB); ++g) {
+              const int64_t h = kh * s.G + g, off = ((b * s.T + t) * s.H + h) * D;
+              const float row_lse = lse[(b * s.H + h) * s.T + t];
+              if (!std::isfinite(row_lse)) continue;
+              float* qs = qsb[n];
+              for (int d = 0; d < D; ++d) qs[d] = q[off + d] * scale;
+              if (!tile.scores(qs, qi, qg, m, sc, vis)) continue;
+              const float* dor = dout + off;
+              v16 dp[NV] = {};
+              for (int d = 0; d < D; ++d) {
+                const v16 od = splat(dor[d]);
+                for (int c = 0; c < NV; ++c) dp[c] += od * vload(&tile.vt[d][c * 16]);
+              }
+              const float dl = delta[g * s.T + t];
               for (int c = 0; c < NV; ++c) {
-                const v16 a = vload(&dvt[d][c * 16]) + pv[c] * od, bk = vload(&dkt[d][c * 16]) + dsv[c] * qd;
+                pvb[n][c] = vis[c] ? vexp(sc[c] - row_lse) : v16{};
+                dsb[n][c] = pvb[n][c] * (dp[c] - dl);
+                std::memcpy(&ds[c * 16], &dsb[n][c], sizeof(v16));
+              }
+              dob[n] = dor;
+              if constexpr (D < 16)
+                tile.pv_keys(&dqv[(t * s.G + g) * D], 1.0f, ds, tile.kt);
+              else
+                tile.pv_dims(dq + off, 1.0f, ds, tile.kb);
+              ++n;
+            }
+            for (int d = 0; d < D; ++d)
+              for (int c = 0; c < NV; ++c) {
+                v16 a = vload(&dvt[d][c * 16]), bk = vload(&dkt[d][c * 16]);
+                for (int i = 0; i < n; ++i) {
+                  a += pvb[i][c] * dob[i][d];
+                  bk += dsb[i][c] * qsb[i][d];
+                }
                 std::memcpy(&dvt[d][c * 16], &a, sizeof(v16));
                 std::memcpy(&dkt[d][c * 16], &bk, sizeof(v16));
               }
-            }
-            if constexpr (D < 16)
-              tile.pv_keys(&dqv[(t * s.G + g) * D], 1.0f, ds, tile.kt);
-            else
-              tile.pv_dims(dq + off, 1.0f, ds, tile.kb);
           }
         }
       }
