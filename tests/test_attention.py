@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from jaxtune.model import attention_kernels as ak
+from jaxtune.model import cpu_attention as ca
 from jaxtune.model.attention import attention, visibility, xla_attention
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.transformer import Transformer
@@ -103,7 +104,16 @@ def test_splash_matches_reference_in_interpret_mode(window, sliding):
     check_against_reference(ak.splash_attention, t=128, window=window, sliding=sliding)
 
 
-def test_blockwise_cached_queries_match_reference():
+CACHED_IMPLS = [lambda q, k, v, **kw: ak.blockwise_attention(q, k, v, block=32, **kw),
+                lambda q, k, v, **kw: ca.cpu_flash_attention(q, k, v, **kw)]
+NEEDS_CPU_FLASH = pytest.mark.skipif(jax.default_backend() != "cpu" or not ca.available(),
+                                     reason="cpu_flash needs the CPU backend and a C++ compiler")
+IMPLS = ["blockwise", pytest.param("cpu_flash", marks=NEEDS_CPU_FLASH)]
+
+
+@pytest.mark.parametrize("fn", [CACHED_IMPLS[0], pytest.param(CACHED_IMPLS[1], marks=NEEDS_CPU_FLASH)],
+                         ids=["blockwise", "cpu_flash"])
+def test_cached_queries_match_reference(fn):
     """KV-cache shape: 5 new queries at slots 40..44 over a 96-slot cache with empty slots past 45."""
     rng = np.random.default_rng(2)
     b, t, s, h, kh, d = 2, 5, 96, 4, 2, 8
@@ -116,7 +126,7 @@ def test_blockwise_cached_queries_match_reference():
     for window in (None, 9):
         kw = dict(q_idx=q_idx, k_idx=k_idx, q_seg=q_seg, k_seg=k_seg, window=window, sliding=True)
         want = xla_attention(q, k, v, visibility(q_idx, k_idx, q_seg, k_seg, window, True))
-        got = jax.jit(lambda q, k, v: ak.blockwise_attention(q, k, v, block=32, **kw))(q, k, v)
+        got = jax.jit(lambda q, k, v: fn(q, k, v, **kw))(q, k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -165,7 +175,8 @@ def _tiny_model(impl, **kw):
     return Transformer(cfg, rngs=nnx.Rngs(3))
 
 
-def test_model_blockwise_matches_xla():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_model_backend_matches_xla(impl):
     """Whole-model logits and parameter gradients are unchanged by the backend: packed rows, scanned and
     rematerialised layers whose per-layer window flag is traced."""
     runtime = dict(scan_layers=True, remat="full", sliding_window=24, sliding_layers=(True, False))
@@ -173,7 +184,7 @@ def test_model_blockwise_matches_xla():
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 96, seg.shape), jnp.int32)
     valid = np.asarray(seg != 0)[..., None]
     graphdef_x, state = nnx.split(_tiny_model("xla", **runtime))
-    graphdef_b, _ = nnx.split(_tiny_model("blockwise", **runtime))
+    graphdef_b, _ = nnx.split(_tiny_model(impl, **runtime))
 
     def loss(graphdef):
         def f(state):
@@ -192,9 +203,11 @@ def test_model_blockwise_matches_xla():
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window"])
-def test_blockwise_model_matches_transformers(tmp_path, variant):
-    """Logit parity with HF eager (the parity suite's bar) holds with `blockwise` on packed-length inputs."""
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("variant", ["llama_gqa", "mistral_window", "qwen3"])
+def test_backend_model_matches_transformers(tmp_path, variant, impl):
+    """Logit parity with HF eager (the parity suite's bar) holds per backend on padded inputs (qwen3's head
+    dim 24 runs zero-padded to 32 in `cpu_flash`)."""
     hf_models = pytest.importorskip("hf_models")
     from jaxtune import load_pretrained
 
@@ -203,7 +216,7 @@ def test_blockwise_model_matches_transformers(tmp_path, variant):
     mask = np.ones_like(ids)
     mask[1, 70:] = 0
     want = hf_models.torch_logits(torch_model, ids, attention_mask=mask)
-    model = load_pretrained(tmp_path, attention_impl="blockwise")
+    model = load_pretrained(tmp_path, attention_impl=impl)
     graphdef, state = nnx.split(model)
     got = np.asarray(jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m))(state, jnp.asarray(ids, jnp.int32),
                                                                            jnp.asarray(mask, jnp.int32)))
