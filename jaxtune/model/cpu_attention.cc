@@ -326,7 +326,7 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
     }
     KeyTile<D> tile;
     // dk/dv of the tile accumulate transposed ([D][BK]) so their updates run along the keys.
-    constexpr int GB = 4;
+    constexpr int GB = 8;
     alignas(64) float dkt[D][BK], dvt[D][BK], ds[BK], qsb[GB][D];
     v16 sc[NV], pvb[GB][NV], dsb[GB][NV];
     const float* dob[GB];
@@ -337,50 +337,52 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
       std::memset(dvt, 0, sizeof(dvt));
       for (int64_t qb = 0; qb < nqb; ++qb) {
         if (!m.reachable(b, kb, nkb, qlo[qb], qhi[qb])) continue;
+        // (row, head) pairs are buffered GB at a time and their dk/dv contributions summed before the
+        // accumulators are loaded and stored: one load/store per GB products instead of per pair.
+        int n = 0;
+        auto flush = [&] {
+          for (int d = 0; d < D; ++d)
+            for (int c = 0; c < NV; ++c) {
+              v16 a = vload(&dvt[d][c * 16]), bk = vload(&dkt[d][c * 16]);
+              for (int i = 0; i < n; ++i) {
+                a += pvb[i][c] * dob[i][d];
+                bk += dsb[i][c] * qsb[i][d];
+              }
+              std::memcpy(&dvt[d][c * 16], &a, sizeof(v16));
+              std::memcpy(&dkt[d][c * 16], &bk, sizeof(v16));
+            }
+          n = 0;
+        };
         for (int64_t t = qb * BQ; t < std::min<int64_t>(s.T, (qb + 1) * BQ); ++t) {
           const int32_t qi = m.q_idx[b * s.T + t], qg = m.q_seg[b * s.T + t];
-          // Up to GB query heads of this row at a time: their dk/dv contributions are summed before the
-          // accumulators are loaded and stored, once per row instead of once per head.
-          for (int64_t g0 = 0; g0 < s.G; g0 += GB) {
-            int n = 0;
-            for (int64_t g = g0; g < std::min<int64_t>(s.G, g0 + GB); ++g) {
-              const int64_t h = kh * s.G + g, off = ((b * s.T + t) * s.H + h) * D;
-              const float row_lse = lse[(b * s.H + h) * s.T + t];
-              if (!std::isfinite(row_lse)) continue;
-              float* qs = qsb[n];
-              for (int d = 0; d < D; ++d) qs[d] = q[off + d] * scale;
-              if (!tile.scores(qs, qi, qg, m, sc, vis)) continue;
-              const float* dor = dout + off;
-              v16 dp[NV] = {};
-              for (int d = 0; d < D; ++d) {
-                const v16 od = splat(dor[d]);
-                for (int c = 0; c < NV; ++c) dp[c] += od * vload(&tile.vt[d][c * 16]);
-              }
-              const float dl = delta[g * s.T + t];
-              for (int c = 0; c < NV; ++c) {
-                pvb[n][c] = vis[c] ? vexp(sc[c] - row_lse) : v16{};
-                dsb[n][c] = pvb[n][c] * (dp[c] - dl);
-                std::memcpy(&ds[c * 16], &dsb[n][c], sizeof(v16));
-              }
-              dob[n] = dor;
-              if constexpr (D < 16)
-                tile.pv_keys(&dqv[(t * s.G + g) * D], 1.0f, ds, tile.kt);
-              else
-                tile.pv_dims(dq + off, 1.0f, ds, tile.kb);
-              ++n;
+          for (int64_t g = 0; g < s.G; ++g) {
+            const int64_t h = kh * s.G + g, off = ((b * s.T + t) * s.H + h) * D;
+            const float row_lse = lse[(b * s.H + h) * s.T + t];
+            if (!std::isfinite(row_lse)) continue;
+            float* qs = qsb[n];
+            for (int d = 0; d < D; ++d) qs[d] = q[off + d] * scale;
+            if (!tile.scores(qs, qi, qg, m, sc, vis)) continue;
+            const float* dor = dout + off;
+            v16 dp[NV] = {};
+            for (int d = 0; d < D; ++d) {
+              const v16 od = splat(dor[d]);
+              for (int c = 0; c < NV; ++c) dp[c] += od * vload(&tile.vt[d][c * 16]);
             }
-            for (int d = 0; d < D; ++d)
-              for (int c = 0; c < NV; ++c) {
-                v16 a = vload(&dvt[d][c * 16]), bk = vload(&dkt[d][c * 16]);
-                for (int i = 0; i < n; ++i) {
-                  a += pvb[i][c] * dob[i][d];
-                  bk += dsb[i][c] * qsb[i][d];
-                }
-                std::memcpy(&dvt[d][c * 16], &a, sizeof(v16));
-                std::memcpy(&dkt[d][c * 16], &bk, sizeof(v16));
-              }
+            const float dl = delta[g * s.T + t];
+            for (int c = 0; c < NV; ++c) {
+              pvb[n][c] = vis[c] ? vexp(sc[c] - row_lse) : v16{};
+              dsb[n][c] = pvb[n][c] * (dp[c] - dl);
+              std::memcpy(&ds[c * 16], &dsb[n][c], sizeof(v16));
+            }
+            dob[n] = dor;
+            if constexpr (D < 16)
+              tile.pv_keys(&dqv[(t * s.G + g) * D], 1.0f, ds, tile.kt);
+            else
+              tile.pv_dims(dq + off, 1.0f, ds, tile.kb);
+            if (++n == GB) flush();
           }
         }
+        flush();
       }
       for (int j = 0; j < tile.cols; ++j) {
         const int64_t off = ((b * s.S + kb * BK + j) * s.K + kh) * D;
