@@ -19,6 +19,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,21 @@ def synthetic_batch(batch: int, seq: int, vocab: int, seed: int) -> dict[str, np
     ones = np.ones((batch, seq), np.int32)
     return {"input_ids": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones, "segment_ids": ones,
             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy()}
+
+
+def timed_steps(step, warmup: int, steps: int) -> tuple[list[float], list[float], float]:
+    """Run `step(i) -> loss` (a float, so the step has finished) 1 + warmup + steps times; returns the timed
+    steps' seconds (after the first step and the warm-up), every loss, and the first step's seconds."""
+    times, losses, first_s = [], [], 0.0
+    for i in range(1 + warmup + steps):
+        t0 = time.perf_counter()
+        losses.append(step(i))
+        dt = time.perf_counter() - t0
+        if i == 0:
+            first_s = dt
+        elif i > warmup:
+            times.append(dt)
+    return times, losses, first_s
 
 
 def summarize(step_seconds: list[float], tokens_per_step: float) -> dict:

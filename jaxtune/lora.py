@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.convert.mapping import nnx_to_hf
-from jaxtune.model.layers import Linear
+from jaxtune.model.layers import Linear, merged_weight
 from jaxtune.model.sharding import variable_sharding
 
 Array = jax.Array
@@ -302,14 +302,6 @@ def lora_sites(model) -> Iterator[tuple[str, Linear, int | None]]:
 
 
 # ---------------------------------------------------------------------------------------------- merge
-
-
-def merged_weight(weight: Array, lora_a: Array, lora_b: Array, scale: float, dtype=None) -> Array:
-    """`W + scale·B·A`, delta and sum in fp32 and one cast at the end (to `dtype`, default W's dtype): a bf16
-    delta or a bf16 add is where merged models drift from adapter-on-base. Leading (layer) axes broadcast."""
-    delta = jnp.einsum("...or,...ri->...oi", lora_b.astype(jnp.float32), lora_a.astype(jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    return (weight.astype(jnp.float32) + scale * delta).astype(dtype or weight.dtype)
 
 
 def merge_lora(model):

@@ -19,7 +19,7 @@ from collections.abc import Mapping, MutableMapping
 # materialise every broadcast constant). The parity tests pass with it; the benchmarks use it too
 # (`bench_utils.FAST_CPU_XLA_FLAGS`).
 FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
-_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+_FLAG_NAME = FAST_CPU_XLA_FLAGS.split("=")[0].lstrip("-")
 OPT_OUT_VAR = "JAXTUNE_XLA_CPU_FLAGS"
 
 # jaxlib (major, minor) versions known to have the flag, [low, high). An unknown flag in XLA_FLAGS makes XLA

@@ -145,19 +145,13 @@ def jax_worker(s: dict) -> dict:
     compiled = step.lower(graphdef, trainable, frozen, opt_state, batches[0], rng).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
-    times, losses = [], []
-    first_s = None
-    for i in range(1 + s["warmup"] + s["steps"]):
-        t0 = time.perf_counter()
+    def run(i):
+        nonlocal trainable, opt_state
         trainable, opt_state, m = compiled(trainable, frozen, opt_state, batches[i % len(batches)],
                                            jax.random.fold_in(rng, i))
-        loss = float(m["loss"])
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        if i == 0:
-            first_s = dt
-        elif i > s["warmup"]:
-            times.append(dt)
+        return float(m["loss"])
+
+    times, losses, first_s = bu.timed_steps(run, s["warmup"], s["steps"])
     dev = jax.devices()[0]
     stats = dev.memory_stats() or {}
     out = dict(bu.summarize(times, s["batch"] * s["seq"]), side="jaxtune", device=dev.device_kind,
@@ -244,18 +238,13 @@ def hf_worker(s: dict) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss
 
-    times, losses, first_s = [], [], None
-    for i in range(1 + s["warmup"] + s["steps"]):
-        t0 = time.perf_counter()
+    def run(i):
         loss = float(step(*batches[i % len(batches)]))
         if cuda:
             torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        if i == 0:
-            first_s = dt
-        elif i > s["warmup"]:
-            times.append(dt)
+        return loss
+
+    times, losses, first_s = bu.timed_steps(run, s["warmup"], s["steps"])
     return dict(bu.summarize(times, s["batch"] * s["seq"]), side="transformers", losses=losses,
                 device=torch.cuda.get_device_name() if cuda else bu.cpu_name(), compile_s=None, first_step_s=first_s,
                 setup_s=setup_s, trainable=sum(p.numel() for p in params),

@@ -250,7 +250,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
     const int64_t t0 = qb * BQ, G = s.G;
     const int rows = static_cast<int>(std::min<int64_t>(BQ, s.T - t0));
     std::vector<float> qs(rows * G * D), acc(rows * G * D, 0.0f), mx(rows * G, NEG), l(rows * G, 0.0f);
-    std::vector<v16> accv(D < 16 ? rows * G * D : 0, v16{});  // see pv_update
+    std::vector<v16> accv(D < 16 ? rows * G * D : 0, v16{});  // see pv_keys
     alignas(64) float p[BK];
     v16 sc[NV];
     v16i vis[NV];
@@ -399,12 +399,20 @@ void backward(const Shape& s, const float* q, const float* k, const float* v, co
 
 Shape shape_of(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k) {
   auto qd = q.dimensions(), kd = k.dimensions();
-  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], qd[2] / kd[2]};
+  return Shape{qd[0], qd[1], kd[1], qd[2], kd[2], qd[3], kd[2] ? qd[2] / kd[2] : 0};
 }
 
 ffi::Error check(const Shape& s) {
   if (s.K == 0 || s.H % s.K != 0) return ffi::Error::InvalidArgument("query heads must be a multiple of KV heads");
   return ffi::Error::Success();
+}
+
+Mask mask_of(const Shape& s, ffi::Buffer<ffi::S32>& q_idx, ffi::Buffer<ffi::S32>& k_idx, ffi::Buffer<ffi::S32>& q_seg,
+             ffi::Buffer<ffi::S32>& k_seg, ffi::Buffer<ffi::S32>& sliding, int64_t window) {
+  Mask m{q_idx.typed_data(), k_idx.typed_data(), q_seg.typed_data(), k_seg.typed_data(), window,
+         sliding.typed_data()[0] != 0};
+  m.tiles(s);
+  return m;
 }
 
 // Head dims with a specialised kernel (the loops over D unroll); the Python side only calls with these.
@@ -416,9 +424,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
                ffi::ResultBuffer<ffi::F32> lse, int64_t window, float scale) {
   const Shape s = shape_of(q, k);
   if (auto e = check(s); e.failure()) return e;
-  Mask m{q_idx.typed_data(), k_idx.typed_data(), q_seg.typed_data(), k_seg.typed_data(), window,
-         sliding.typed_data()[0] != 0};
-  m.tiles(s);
+  const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_FWD(N) \
   if (s.D == N) return forward<N>(s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out->typed_data(), lse->typed_data()), ffi::Error::Success();
   JAXTUNE_HEAD_DIMS(JAXTUNE_FWD)
@@ -433,9 +439,7 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
                ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t window, float scale) {
   const Shape s = shape_of(q, k);
   if (auto e = check(s); e.failure()) return e;
-  Mask m{q_idx.typed_data(), k_idx.typed_data(), q_seg.typed_data(), k_seg.typed_data(), window,
-         sliding.typed_data()[0] != 0};
-  m.tiles(s);
+  const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_BWD(N)                                                                                   \
   if (s.D == N)                                                                                          \
     return backward<N>(s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out.typed_data(),     \

@@ -36,6 +36,14 @@ def merge_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
     return in_features * out_features <= MERGE_RATIO * rank * (in_features + out_features)
 
 
+def merged_weight(weight: Array, lora_a: Array, lora_b: Array, scale: float, dtype=None) -> Array:
+    """`W + scale·B·A`, delta and sum in fp32 and one cast at the end (to `dtype`, default W's dtype): a bf16
+    delta or a bf16 add is where merged models drift from adapter-on-base. Leading (layer) axes broadcast."""
+    delta = jnp.einsum("...or,...ri->...oi", lora_b.astype(jnp.float32), lora_a.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return (weight.astype(jnp.float32) + scale * delta).astype(dtype or weight.dtype)
+
+
 class Linear(nnx.Module):
     """`y = x Wᵀ (+ b) + scale · dropout(x) Aᵀ Bᵀ`; LoRA leaves (PEFT layout) are absent until `lora.apply_lora`."""
 
@@ -55,9 +63,8 @@ class Linear(nnx.Module):
         dropout = self.lora_dropout > 0.0 and dropout_rng is not None
         if self.lora_A is not None and not dropout and merge_is_cheaper(self.in_features, self.out_features,
                                                                         self.lora_A.shape[-2]):
-            a, b = self.lora_A[...].astype(jnp.float32), self.lora_B[...].astype(jnp.float32)
-            w = self.weight[...].astype(jnp.float32) + self.lora_scale * jnp.einsum("or,ri->oi", b, a)
-            y = jnp.einsum("...i,oi->...o", x, w.astype(self.dtype))
+            w = merged_weight(self.weight[...], self.lora_A[...], self.lora_B[...], self.lora_scale, self.dtype)
+            y = jnp.einsum("...i,oi->...o", x, w)
             return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
         y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
         if self.bias is not None:
