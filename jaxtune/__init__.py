@@ -1,9 +1,11 @@
 """jaxtune: supervised instruction tuning of Hugging Face causal LMs in JAX/Flax NNX."""
 
-# Before anything imports jax: the default XLA:CPU flags (jaxtune/xla_flags.py; opt out: JAXTUNE_XLA_CPU_FLAGS=0).
-from jaxtune.xla_flags import apply_default_cpu_flags as _apply_default_cpu_flags
+# Before anything imports jax: the CPU process defaults (jaxtune/cpu_runtime.py; opt out:
+# JAXTUNE_XLA_CPU_FLAGS=0, JAXTUNE_CPU_MALLOC=0).
+from jaxtune import cpu_runtime as _cpu_runtime
 
-_apply_default_cpu_flags()
+_cpu_runtime.apply_default_cpu_flags()
+_cpu_runtime.tune_malloc()
 
 __version__ = "0.1.0"
 

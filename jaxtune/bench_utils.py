@@ -1,7 +1,7 @@
 """Shared by `scripts/bench_*.py`: model presets, synthetic batches, timing summaries, peak memory, the
 software/machine record, markdown tables and the worker processes each side runs in.
 
-Imports only the standard library and numpy (`jaxtune.xla_flags` is standard library too), so a benchmark's
+Imports only the standard library and numpy (`jaxtune.cpu_runtime` is standard library too), so a benchmark's
 PyTorch side never loads JAX (and the other way round): each side runs in its own process and its peak memory
 is its own.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtune.xla_flags import FAST_CPU_XLA_FLAGS, OPT_OUT_VAR  # standard library only
+from jaxtune.cpu_runtime import FAST_CPU_XLA_FLAGS, MALLOC_OPT_OUT_VAR, OPT_OUT_VAR  # standard library only
 
 # Llama-architecture shapes (transformers `LlamaConfig` keyword arguments); weights are random.
 PRESETS: dict[str, dict] = {
@@ -61,15 +61,17 @@ RUN_DEFAULTS: dict[tuple[str, str], dict] = {
 
 def jax_env(platform: str, fast_cpu_flags: bool = True) -> dict:
     """Environment additions for a JAX worker. On CPU, XLA_FLAGS with `FAST_CPU_XLA_FLAGS` (jaxtune's default
-    there, `jaxtune/xla_flags.py`), or without it and with that default turned off (`--plain-xla`). Importing
+    there, `jaxtune/cpu_runtime.py`), or without it and with that default turned off (`--plain-xla`). Importing
     jaxtune may already have appended the flag to this process's XLA_FLAGS, which a worker inherits, so it
-    is taken out first. Nothing on GPU (the flag is CPU-only)."""
+    is taken out first. A `JAXTUNE_CPU_MALLOC` setting is repeated so that the table's note shows it.
+    Nothing on GPU (the flag is CPU-only)."""
     if platform != "cpu":
         return {}
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_CPU_XLA_FLAGS]
+    malloc = {MALLOC_OPT_OUT_VAR: os.environ[MALLOC_OPT_OUT_VAR]} if MALLOC_OPT_OUT_VAR in os.environ else {}
     if fast_cpu_flags:
-        return {"XLA_FLAGS": " ".join([*flags, FAST_CPU_XLA_FLAGS])}
-    return {"XLA_FLAGS": " ".join(flags), OPT_OUT_VAR: "0"}
+        return {"XLA_FLAGS": " ".join([*flags, FAST_CPU_XLA_FLAGS]), **malloc}
+    return {"XLA_FLAGS": " ".join(flags), OPT_OUT_VAR: "0", **malloc}
 
 
 def torch_env() -> dict:

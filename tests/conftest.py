@@ -7,8 +7,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# jaxtune's default XLA:CPU flags (jaxtune/xla_flags.py) join the ones above only if jaxtune is imported before
-# jax; importing it here makes every selection of tests run as the whole suite and users do.
+# jaxtune's CPU process defaults (jaxtune/cpu_runtime.py: an XLA:CPU flag joining the ones above, malloc
+# settings) apply only if jaxtune is imported before jax; importing it here makes every selection of tests run
+# as the whole suite and users do.
 import jaxtune  # noqa: E402,F401
 
 import sys  # noqa: E402

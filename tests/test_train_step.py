@@ -94,6 +94,27 @@ def test_chunked_cross_entropy_matches_full_logits():
     assert max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g, ref_g))) <= 1e-5
 
 
+def test_loss_sums_match_optax_and_argmax():
+    """The fused sums: NLL and its gradient as optax's cross-entropy, correct = argmax hits, and a target
+    tied with the maximum counts as correct."""
+    import optax
+
+    from jaxtune.train.loss import _chunk_sums
+
+    rng = np.random.default_rng(0)
+    logits = jnp.asarray(rng.normal(size=(3, 7, 11)) * 3, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, 11, (3, 7)), jnp.int32)
+    mask = jnp.asarray(rng.integers(0, 2, (3, 7)), jnp.int32)
+    ref = lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * mask)  # noqa: E731
+    nll, correct = _chunk_sums(logits, targets, mask)
+    np.testing.assert_allclose(nll, ref(logits), rtol=1e-6)
+    assert float(correct) == float(jnp.sum((jnp.argmax(logits, -1) == targets) * mask)) > 0
+    np.testing.assert_allclose(jax.grad(lambda x: _chunk_sums(x, targets, mask)[0])(logits), jax.grad(ref)(logits),
+                               atol=1e-6)
+    tied = jnp.zeros((1, 1, 4)).at[0, 0, jnp.array([1, 3])].set(2.0)
+    assert float(_chunk_sums(tied, jnp.array([[3]]), jnp.ones((1, 1)))[1]) == 1.0
+
+
 def test_non_finite_step_changes_nothing():
     graphdef, trainable, frozen = _model("lora")
     tx = make_optimizer(OptimConfig(lr=1e-2), 10, trainable)

@@ -46,42 +46,24 @@ static inline v16i vload(const int32_t* p) {
   return x;
 }
 static inline v16 splat(float x) { return v16{} + x; }
-// Horizontal sum/max/or as halving trees (a scalar loop would be 16 dependent steps).
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-template <typename Half, typename Full>
-static inline void halves(const Full& x, Half& a, Half& b) {
-  std::memcpy(&a, &x, sizeof(Half));
-  std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(Half), sizeof(Half));
-}
-static inline float hsum(v16 x) {
-  v8 a, b;
-  halves(x, a, b);
-  v4 c, d;
-  halves(a + b, c, d);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
-static inline float hmax(v16 x) {
-  v8 a, b;
-  halves(x, a, b);
-  a = a > b ? a : b;
-  v4 c, d;
-  halves(a, c, d);
-  c = c > d ? c : d;
-  return std::max(std::max(c[0], c[2]), std::max(c[1], c[3]));
-}
-static inline bool hany(v16i x) {
-  v8i a, b;
-  halves(x, a, b);
-  a |= b;
-  int64_t w[4];
-  std::memcpy(w, &a, sizeof(w));
-  return (w[0] | w[1] | w[2] | w[3]) != 0;
+// Horizontal sum/max/or as butterflies of lane shuffles that stay in registers (a scalar loop would be 16
+// dependent steps; splitting through memory stalls on store forwarding): every lane ends with the result.
+#if defined(__clang__)
+#define JAXTUNE_SHUFFLE(x, ...) __builtin_shufflevector(x, x, __VA_ARGS__)
+#else
+#define JAXTUNE_SHUFFLE(x, ...) __builtin_shuffle(x, v16i{__VA_ARGS__})
+#endif
+template <typename V, typename Op>
+static inline V butterfly(V x, Op op) {
+  x = op(x, JAXTUNE_SHUFFLE(x, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
+  x = op(x, JAXTUNE_SHUFFLE(x, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11));
+  x = op(x, JAXTUNE_SHUFFLE(x, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13));
+  return op(x, JAXTUNE_SHUFFLE(x, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14));
 }
 static inline v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
-
+static inline float hsum(v16 x) { return butterfly(x, [](v16 a, v16 b) { return a + b; })[0]; }
+static inline v16 hmax_lanes(v16 x) { return butterfly(x, vmax); }
+static inline bool hany(v16i x) { return butterfly(x, [](v16i a, v16i b) { return a | b; })[0] != 0; }
 // exp of 16 floats: Cephes' expf polynomial (~1 ulp) after rounding x·log2(e) with the 1.5·2^23 trick.
 // Inputs are clamped to [-87, 88]: below -87 it returns ~1e-38 instead of 0, which no softmax sum notices.
 static inline v16 vexp(v16 x) {
@@ -272,10 +254,11 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
           if (!tile.scores(&qs[rg * D], qi, qg, m, sc, vis)) continue;
           v16 top16 = splat(mx[rg]);
           for (int c = 0; c < NV; ++c) top16 = vmax(top16, vis[c] ? sc[c] : splat(NEG));
-          const float top = hmax(top16);
+          const v16 top_lanes = hmax_lanes(top16);
+          const float top = top_lanes[0];
           v16 sum16 = v16{};
           for (int c = 0; c < NV; ++c) {
-            const v16 e = vis[c] ? vexp(sc[c] - top) : v16{};
+            const v16 e = vis[c] ? vexp(sc[c] - top_lanes) : v16{};
             std::memcpy(&p[c * 16], &e, sizeof(e));
             sum16 += e;
           }

@@ -13,12 +13,18 @@ Array = jax.Array
 
 
 def _chunk_sums(logits: Array, targets: Array, mask: Array) -> tuple[Array, Array]:
+    """A prediction is correct when the target's logit is the row maximum: the max that logsumexp needs
+    anyway, instead of an argmax (a second pass over `[B, T, V]`, 4 ms of a 150 ms CPU step). It differs from
+    `argmax == target` only on an exact tie, where it counts the target as correct."""
     logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    top = jnp.max(logits, axis=-1)
+    # logsumexp with a constant shift (as jax.nn.logsumexp does): the max cancels out of the gradient.
+    shift = jax.lax.stop_gradient(top)
+    lse = shift + jnp.log(jnp.sum(jnp.exp(logits - shift[..., None]), axis=-1))
     tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     m = mask.astype(jnp.float32)
     nll = jnp.sum((lse - tgt) * m)
-    correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * m)
+    correct = jnp.sum((tgt >= top) * m)
     return nll, correct
 
 

@@ -1,4 +1,5 @@
-"""The default XLA:CPU flags `import jaxtune` appends to XLA_FLAGS (jaxtune/xla_flags.py)."""
+"""The CPU process defaults `import jaxtune` applies (jaxtune/cpu_runtime.py): an XLA:CPU flag appended to
+XLA_FLAGS, and glibc malloc settings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxtune.xla_flags import FAST_CPU_XLA_FLAGS, _known_good, _jaxlib_version, apply_default_cpu_flags
+from jaxtune import cpu_runtime
+from jaxtune.cpu_runtime import FAST_CPU_XLA_FLAGS, _known_good, _jaxlib_version, apply_default_cpu_flags, tune_malloc
 
 GOOD = "0.10.2"
 
@@ -82,3 +84,57 @@ def test_import_jaxtune_sets_flag_and_xla_accepts_it():
         expected += f" {FAST_CPU_XLA_FLAGS}"
     assert flags == expected
     assert result == "3.0 2"
+
+
+class FakeLibc:
+    def __init__(self, result: int = 1):
+        self.calls, self.result = [], result
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return self.result
+
+
+def test_malloc_settings_when_cpu_only():
+    libc = FakeLibc()
+    assert tune_malloc({"JAX_PLATFORMS": "cpu"}, {}, libc)
+    assert libc.calls == [(cpu_runtime.M_ARENA_MAX, 1), (cpu_runtime.M_MMAP_MAX, 0),
+                          (cpu_runtime.M_TRIM_THRESHOLD, 2**31 - 1)]
+
+
+@pytest.mark.parametrize("environ, modules", [
+    ({"JAX_PLATFORMS": "cpu", "JAXTUNE_CPU_MALLOC": "0"}, {}),   # opted out
+    ({"JAX_PLATFORMS": "cuda"}, {}),                              # an accelerator was asked for
+    ({"JAX_PLATFORMS": "tpu,cpu"}, {}),
+    ({"JAX_PLATFORMS": "cpu"}, {"jax": object()}),                # too late: jax's threads have arenas
+])
+def test_malloc_left_alone(environ, modules):
+    libc = FakeLibc()
+    assert not tune_malloc(environ, modules, libc)
+    assert libc.calls == []
+
+
+def test_malloc_left_alone_with_an_accelerator_plugin(monkeypatch):
+    monkeypatch.setattr(cpu_runtime.importlib.util, "find_spec", lambda name: object() if name == "libtpu" else None)
+    libc = FakeLibc()
+    assert not tune_malloc({}, {}, libc)
+    assert libc.calls == []
+
+
+def test_malloc_reports_a_refused_setting():
+    assert not tune_malloc({"JAX_PLATFORMS": "cpu"}, {}, FakeLibc(result=0))
+
+
+def test_import_jaxtune_tunes_malloc_and_xla_runs():
+    """In a fresh CPU process, `import jaxtune` sets the malloc options (glibc's mallopt accepts them) and a
+    jitted step that needs a large scratch block runs, twice, with the same result."""
+    env = {k: v for k, v in os.environ.items() if k != "JAXTUNE_CPU_MALLOC"}
+    env.update(JAX_PLATFORMS="cpu")
+    code = ("import jaxtune.cpu_runtime as c; "
+            "print(c.tune_malloc({'JAX_PLATFORMS': 'cpu'}, {}) if c._glibc() else 'no-glibc'); "
+            "import jax, jax.numpy as jnp; f = jax.jit(lambda x: (jnp.tanh(x @ x.T) @ x).sum()); "
+            "x = jnp.ones((2048, 2048)) / 2048; print(float(f(x)) == float(f(x)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() in (["True", "True"], ["no-glibc", "True"])
