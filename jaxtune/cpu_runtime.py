@@ -4,7 +4,7 @@ Two, each with its own opt-out:
 - an XLA:CPU flag appended to `XLA_FLAGS` (`JAXTUNE_XLA_CPU_FLAGS=0`). It only changes XLA's CPU backend, so
   it is harmless on GPU and TPU;
 - glibc malloc settings that keep XLA:CPU's per-execution scratch memory mapped between steps
-  (`JAXTUNE_CPU_MALLOC=0`), only when no accelerator plugin is installed (see `tune_malloc`).
+  (`JAXTUNE_CPU_MALLOC=0`), only where jax will run on the CPU (see `tune_malloc`).
 
 Imports only the standard library (never jax: both must be in place before jax starts a backend).
 """
@@ -50,6 +50,12 @@ def _known_good(version: str | None) -> bool:
     return low <= (int(m[1]), int(m[2])) < high
 
 
+def _opted_out_or_late(environ: Mapping[str, str], modules: Mapping, opt_out_var: str) -> bool:
+    """A default is skipped when its variable is "0", or once jax is imported (its backend may have read
+    XLA_FLAGS, its threads may have malloc arenas)."""
+    return environ.get(opt_out_var, "").strip() == "0" or "jax" in modules or "jaxlib" in modules
+
+
 def apply_default_cpu_flags(environ: MutableMapping[str, str] | None = None, modules: Mapping | None = None,
                             jaxlib_version: str | None = None) -> bool:
     """Append `FAST_CPU_XLA_FLAGS` to `environ["XLA_FLAGS"]` (default `os.environ`) unless the user opted out
@@ -58,10 +64,8 @@ def apply_default_cpu_flags(environ: MutableMapping[str, str] | None = None, mod
     installed one, read without importing it) is not known to have the flag. True when it appended."""
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
-    if environ.get(OPT_OUT_VAR, "").strip() == "0":
-        return False
     flags = environ.get("XLA_FLAGS", "")
-    if _FLAG_NAME in flags or "jax" in modules or "jaxlib" in modules:
+    if _opted_out_or_late(environ, modules, OPT_OUT_VAR) or _FLAG_NAME in flags:
         return False
     if not _known_good(jaxlib_version if jaxlib_version is not None else _jaxlib_version()):
         return False
@@ -111,9 +115,7 @@ def tune_malloc(environ: Mapping[str, str] | None = None, modules: Mapping | Non
     jax is imported (its threads would already have arenas), unless `JAXTUNE_CPU_MALLOC=0`. True when set."""
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
-    if environ.get(MALLOC_OPT_OUT_VAR, "").strip() == "0" or "jax" in modules or "jaxlib" in modules:
-        return False
-    if not _cpu_only(environ):
+    if _opted_out_or_late(environ, modules, MALLOC_OPT_OUT_VAR) or not _cpu_only(environ):
         return False
     libc = _glibc() if libc is None else libc
     if libc is None:
