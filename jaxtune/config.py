@@ -71,7 +71,9 @@ class TrainSection:
     `data.num_epochs` epochs; more steps than that add epochs). `batch_size`: global sequences per optimizer
     step, split into `optim.grad_accum_steps` micro-batches. `*_every`: in steps, 0 = only at the end
     (eval, save) or never (forgetting). `keep_best` ranks by eval loss. `nan_policy`: skip a non-finite
-    step (stop after `max_bad_steps` in a row) or stop at the first."""
+    step (stop after `max_bad_steps` in a row) or stop at the first. `compile_cache`: keep compiled steps in
+    JAX's persistent cache under `$JAXTUNE_CACHE_DIR/xla` (a cache dir set for JAX wins), so a re-run skips
+    XLA compilation."""
 
     mode: str = "lora"
     freeze: tuple[str, ...] = ()
@@ -89,6 +91,7 @@ class TrainSection:
     max_bad_steps: int = 5
     forgetting_every: int = 0
     async_checkpoint: bool = True
+    compile_cache: bool = True
 
     def __post_init__(self):
         _need(self.mode in ("lora", "full"), "train.mode", f"{self.mode!r} is not 'lora' or 'full'")

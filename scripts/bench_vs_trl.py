@@ -2,6 +2,7 @@
 
     python scripts/bench_vs_trl.py                       # LoRA, full FT, jaxtune packed; one table
     python scripts/bench_vs_trl.py --runs lora --epochs 1
+    python scripts/bench_vs_trl.py --compile-cache DIR   # twice: the second measures a re-run (warm cache)
 
 The job (same on both sides): `../shared/assets/models/stories260K-hf` on `alpaca_data_1k.json`, Alpaca
 prompt, loss on the response only, `datasets.Dataset.train_test_split(test_size=0.1, seed=0)` (the split
@@ -12,9 +13,10 @@ linear layers at lr 2e-3, full fine-tuning at 5e-4, and jaxtune's packed LoRA ru
 Each side runs in its own process; TRL runs in its own environment (`--trl-python`, default
 `.venv-bench/bin/python`: `python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0
 transformers peft trl datasets`). Train tokens/s = non-pad tokens fed over all epochs / train time (from
-the first step to the last, compile included, evaluation excluded). Eval loss is token-weighted over the
-eval completions, computed the same way on both sides before and after training; the before value must
-be 4.1344 (± 1e-3) or nothing after it is compared.
+the first step to the last, compile included, evaluation excluded; jaxtune builds its steps with
+`train.loop.build_steps`, as `jaxtune train` does, so the train step compiles once). Eval loss is
+token-weighted over the eval completions, computed the same way on both sides before and after training;
+the before value must be 4.1344 (± 1e-3) or nothing after it is compared.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def jax_worker(s: dict) -> dict:
     from jaxtune.data.prepare import prepare_dataset
     from jaxtune.lora import count_params
     from jaxtune.model.sharding import shard_batch
-    from jaxtune.train.loop import build_mesh, evaluate, load_model, make_loaders, partition
-    from jaxtune.train.step import jit_eval_step, jit_train_step
+    from jaxtune.train.loop import (build_mesh, build_steps, evaluate, gc_frozen, load_model, make_loaders,
+                                    partition)
 
     raw = {
         "model": {"path": s["model"], "dtype": "float32", "attention_impl": s["attention"],
@@ -93,30 +95,38 @@ def jax_worker(s: dict) -> dict:
     if s["mode"] == "lora":
         raw["lora"] = {"rank": JOB["rank"], "alpha": JOB["alpha"], "dropout": 0.0, "target_modules": "all-linear"}
     cfg = from_dict(RecipeConfig, raw)
+    hits = []  # persistent-cache hits: the train step's, if any, comes with the first step
+    if s.get("compile_cache"):  # a re-run of `jaxtune train`, whose compile cache is on by default
+        jax.config.update("jax_compilation_cache_dir", s["compile_cache"])
+        jax.monitoring.register_event_listener(
+            lambda event, **_: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+    else:  # cold: the compile is part of the train time, as in a first run
+        jax.config.update("jax_enable_compilation_cache", False)
     mesh = build_mesh(cfg)
     model, tokenizer, token_ids = load_model(cfg, mesh)
     train_examples, val_examples, _ = prepare_dataset(cfg.data, tokenizer)
     loader, eval_batches = make_loaders(cfg, train_examples, val_examples, tokenizer)
     graphdef, trainable, frozen, token_rows, tx, _ = partition(cfg, model, token_ids, mesh, loader.total_steps)
-    opt_state = jax.jit(tx.init)(trainable)
-    step_fn = jit_train_step(tx, mesh=mesh, token_rows=token_rows)
-    eval_fn = jit_eval_step(mesh=mesh, token_rows=token_rows)
+    opt_state, step_fn, eval_fn = build_steps(cfg, trainable, tx, mesh, token_rows)
     before = evaluate(eval_fn, graphdef, trainable, frozen, eval_batches, mesh)
     key = jax.random.key(JOB["seed"])
 
-    # As train/loop.py does: the step's metrics are fetched every step (a host sync), unless `async_metrics`
-    # keeps them on device until the end so the host can prepare the next batch while the step runs.
-    pending, first_step_s = [], None
-    t0 = time.perf_counter()
-    for step in range(loader.total_steps):
-        batch = shard_batch(next(loader), mesh)
-        trainable, opt_state, m = step_fn(graphdef, trainable, frozen, opt_state, batch, jax.random.fold_in(key, step))
-        pending.append(m if s["async_metrics"] else jax.device_get(m))
-        if step == 0:
-            jax.block_until_ready(m)
-            first_step_s = time.perf_counter() - t0
-    pending = jax.device_get(pending)
-    train_s = time.perf_counter() - t0
+    # As train/loop.py does (the GC frozen too): the step's metrics are fetched every step (a host sync),
+    # unless `async_metrics` keeps them on device until the end so the host can prepare the next batch while
+    # the step runs.
+    pending, first_step_s, hits_before = [], None, len(hits)
+    with gc_frozen():
+        t0 = time.perf_counter()
+        for step in range(loader.total_steps):
+            batch = shard_batch(next(loader), mesh)
+            trainable, opt_state, m = step_fn(graphdef, trainable, frozen, opt_state, batch,
+                                              jax.random.fold_in(key, step))
+            pending.append(m if s["async_metrics"] else jax.device_get(m))
+            if step == 0:
+                jax.block_until_ready(m)
+                first_step_s = time.perf_counter() - t0
+        pending = jax.device_get(pending)
+        train_s = time.perf_counter() - t0
     tokens = float(sum(float(m["tokens"]) for m in pending))
     losses = [float(m["loss"]) for m in pending]
     after = evaluate(eval_fn, graphdef, trainable, frozen, eval_batches, mesh)
@@ -127,7 +137,8 @@ def jax_worker(s: dict) -> dict:
                 steady_tokens_per_s=(tokens * (1 - 1 / loader.total_steps)) / (train_s - first_step_s),
                 eval_before=before["loss"], eval_after=after["loss"], eval_tokens=before["loss_tokens"],
                 eval_rows=len(val_examples), trainable=n_train, params=n_all, peak_rss=bu.peak_rss_bytes(),
-                loss_first=losses[0], loss_last=float(np.mean(losses[-10:])), device=jax.devices()[0].device_kind)
+                loss_first=losses[0], loss_last=float(np.mean(losses[-10:])), device=jax.devices()[0].device_kind,
+                warm_cache=len(hits) > hits_before, compiles=step_fn._cache_size())
 
 
 # ------------------------------------------------------------------------------------------------ TRL
@@ -220,7 +231,8 @@ def table(rows: list[tuple[str, dict]]) -> str:
                     f"{r['eval_before']:.4f}{'' if ok else ' (≠ 4.1344!)'} → {r['eval_after']:.4f}", gap,
                     bu.fmt_bytes(r["peak_rss"]), f"{100 * r['trainable'] / r['params']:.1f}%",
                     f"{r['steps']} steps, {r['train_tokens']:,.0f} tokens in {r['train_s']:.1f} s"
-                    + (f" (first step {r['first_step_s']:.1f} s)" if r.get("first_step_s") else "")])
+                    + (f" (first step {r['first_step_s']:.1f} s{', warm compile cache' if r.get('warm_cache') else ''})"
+                       if r.get("first_step_s") else "")])
     return bu.markdown_table(["run", "side", "train tokens/s", "vs TRL", "eval loss before → after",
                               "after − TRL", "peak RSS", "trainable", "detail"], out)
 
@@ -241,6 +253,9 @@ def main(argv=None) -> int:
     p.add_argument("--plain-xla", action="store_true", help="run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
     p.add_argument("--async-metrics", action="store_true",
                    help="jaxtune: fetch step metrics once at the end, not every step as train/loop.py does")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="jaxtune: JAX's persistent compilation cache in DIR, as `jaxtune train` uses by default (a "
+                        "second invocation measures a re-run); without it jaxtune compiles cold")
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", help="directory for bench_vs_trl.{md,json}")
     bu.add_worker_args(p, WORKERS)
@@ -269,7 +284,7 @@ def main(argv=None) -> int:
                     continue
                 s = dict(RUNS[run], model=str(model), train=str(train), eval=str(evalf), epochs=args.epochs,
                          attention=args.attention, async_metrics=args.async_metrics, scan_layers=args.scan_layers,
-                         run_dir=str(Path(tmp) / f"{run}-{side}"))
+                         compile_cache=args.compile_cache, run_dir=str(Path(tmp) / f"{run}-{side}"))
                 if side == "trl" and not trl_ok:
                     r = {"side": "TRL", "skipped": f"no TRL environment at {args.trl_python} (see --help)"}
                 else:

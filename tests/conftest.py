@@ -6,6 +6,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `jaxtune train` turns on JAX's persistent compilation cache under ~/.cache/jaxtune unless a directory is
+# set: the suite (and its subprocesses) gets a throwaway one instead.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="jaxtune-tests-xla-"))
 
 # jaxtune's CPU process defaults (jaxtune/cpu_runtime.py: an XLA:CPU flag joining the ones above, malloc
 # settings) apply only if jaxtune is imported before jax; importing it here makes every selection of tests run

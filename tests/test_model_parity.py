@@ -118,6 +118,29 @@ def test_off_switch_sliding_window(hf_zoo, name):
     assert _max_diff(model, hf, _ids(model.config.vocab_size)) > 1e-2
 
 
+@pytest.mark.parametrize("name,scan,want", [
+    ("mistral_window", False, [True, True]), ("mistral_window", True, [True]),  # scan traces the body once
+    ("qwen3_window", False, [False, True, True]), ("qwen3_window", True, ["traced"]),
+    ("llama_gqa", True, [False])])
+def test_sliding_flag_reaches_attention_static_when_it_can(hf_zoo, monkeypatch, name, scan, want):
+    """Attention gets each layer's window flag as a Python bool (one kernel variant, no `lax.cond`, and
+    `blockwise` skips blocks outside the window) unless scanned layers differ, which needs a traced flag."""
+    from jaxtune.model import transformer
+
+    path, _ = hf_zoo(name)
+    # Unrolled without remat, so every layer traces its own call (remat would reuse one trace for equal layers).
+    model = load_pretrained(path, scan_layers=scan, remat="full" if scan else "none")
+    seen, real = [], transformer.attention
+
+    def spy(*a, sliding, **kw):
+        seen.append(sliding if isinstance(sliding, bool) else "traced")
+        return real(*a, sliding=sliding, **kw)
+
+    monkeypatch.setattr(transformer, "attention", spy)
+    model(jnp.asarray(_ids(model.config.vocab_size)))
+    assert seen == want
+
+
 def test_window_edge_is_exact(hf_zoo, monkeypatch):
     """HF's rule is `q - W < k <= q`; an off-by-one (`q - W <= k`) must fail parity. (Dense backend: the
     others are checked against it in test_attention.py.)"""

@@ -4,6 +4,7 @@ run leaves behind."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import warnings
 
@@ -73,6 +74,7 @@ class FakeMonitor:
     """Stands in for eval.forgetting.ForgettingMonitor (tested there): records when the loop calls it."""
 
     calls: list = []
+    frozen: list = []  # gc.get_freeze_count() inside the loop
 
     def __init__(self, tokenizer, cfg, *, run_dir=None, mesh=None):
         self.cfg = cfg
@@ -83,6 +85,7 @@ class FakeMonitor:
 
     def measure(self, model, step):
         FakeMonitor.calls.append(("measure", step))
+        FakeMonitor.frozen.append(gc.get_freeze_count())
         return {"forgetting/probe": 0.5}
 
 
@@ -96,7 +99,7 @@ def whole_run(stories_dir, small_data, tmp_path_factory):
                   output={"tensorboard": True}, forgetting={"n_samples": 2})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(forgetting, "ForgettingMonitor", FakeMonitor)
-        FakeMonitor.calls = []
+        FakeMonitor.calls, FakeMonitor.frozen = [], []
         result = train(cfg)
         calls = list(FakeMonitor.calls)
     return cfg, result, calls
@@ -148,6 +151,7 @@ def test_nan_guard_skips_then_stops_without_overwriting(stories_dir, small_data,
     strict = _recipe(stories_dir, small_data, tmp_path / "strict", train={"nan_policy": "stop"})
     with pytest.raises(TrainingStopped, match="stopped at step 2 after 1 non-finite"):
         train(strict)
+    assert gc.get_freeze_count() == 0  # unfrozen when the loop raises too
 
 
 def test_run_dir_holds_metrics_tensorboard_config_and_provenance(whole_run):
@@ -160,6 +164,8 @@ def test_run_dir_holds_metrics_tensorboard_config_and_provenance(whole_run):
     assert train_rows[0]["lr"] == 0.0 and train_rows[1]["lr"] == pytest.approx(3e-3)  # one warmup step
     assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
     assert calls == [("baseline", None), ("measure", 2), ("measure", 4), ("measure", 6)]
+    # The loop runs with the setup's objects frozen out of the GC (loop.gc_frozen), and unfreezes them after.
+    assert min(FakeMonitor.frozen) > 10_000 and gc.get_freeze_count() == 0
     assert [r["step"] for r in rows if r["split"] == "forgetting"] == [0, 2, 4, 6]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").read_text().startswith("model:")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxtune.cache import cache_dir as cache_root
 from jaxtune.data.chat import BUILTIN_TEMPLATES
 from jaxtune.data.formats import COLUMNS, FORMATS, ON_ERROR
 from jaxtune.data.tokenize import OVERLONG, TRAIN_ON
@@ -27,7 +28,7 @@ class DataConfig:
     that ends a response (default the tokenizer's eos; stories260K never emitted eos in pretraining).
     train_on: assistant | all | last_turn. overlong: truncate (keep prompt head) | drop.
     on_error: raise | skip (skips are counted and written to rejects_path, default in cache_dir).
-    cache_dir: tokenized-data cache; null disables it.
+    cache_dir: tokenized-data cache (default `$JAXTUNE_CACHE_DIR/data`, see jaxtune/cache.py); null disables it.
     """
 
     train: str
@@ -44,7 +45,7 @@ class DataConfig:
     on_error: str = "raise"
     rejects_path: str | None = None
     shuffle_seed: int = 0
-    cache_dir: str | None = "~/.cache/jaxtune/data"
+    cache_dir: str | None = field(default_factory=lambda: str(cache_root() / "data"))
     num_epochs: int = 1
 
     def __post_init__(self):

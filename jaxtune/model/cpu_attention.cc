@@ -249,6 +249,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
       tile.load(k, v, m, s, b, kh, kb * BK, false);
       for (int r = 0; r < rows; ++r) {
         const int32_t qi = m.q_idx[b * s.T + t0 + r], qg = m.q_seg[b * s.T + t0 + r];
+        if (qg == 0) continue;  // padding sees no key: skip its scores too
         for (int64_t g = 0; g < G; ++g) {
           const int64_t rg = r * G + g;
           if (!tile.scores(&qs[rg * D], qi, qg, m, sc, vis)) continue;

@@ -3,9 +3,9 @@
 XLA:CPU runs attention as separate passes (matmuls with a contraction of head_dim, then mask, exp, sum),
 each at a few GFLOP/s when head_dim is small; the C++ kernel keeps a 64-key tile in registers across all of
 them, for the forward and for a recomputing backward. It is compiled on first use with the system C++
-compiler against the FFI headers that ship with jaxlib, and cached under `$JAXTUNE_CACHE_DIR` (default
-`~/.cache/jaxtune`), keyed by the source, jaxlib version, compiler flags and CPU. Without a compiler the
-`auto` choice falls back to `blockwise` (with one warning); asking for `cpu_flash` then raises.
+compiler against the FFI headers that ship with jaxlib, and cached under `$JAXTUNE_CACHE_DIR/kernels`
+(default `~/.cache/jaxtune`, `jaxtune/cache.py`), keyed by the source, jaxlib version, compiler flags and CPU.
+Without a compiler the `auto` choice falls back to `blockwise` (with one warning); asking for `cpu_flash` then raises.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.cache import cache_dir
+
 Array = jax.Array
 log = logging.getLogger(__name__)
 
@@ -38,12 +40,6 @@ _FWD, _BWD = "jaxtune_cpu_flash_fwd", "jaxtune_cpu_flash_bwd"
 
 class KernelUnavailable(RuntimeError):
     """The C++ kernel could not be built or loaded on this machine."""
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("JAXTUNE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxtune")
-    return Path(root) / "kernels"
 
 
 def _cpu_id() -> str:
@@ -68,7 +64,7 @@ def library_path() -> Path:
     src = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(),
                                      " ".join(FLAGS).encode(), _cpu_id().encode()])).hexdigest()[:16]
-    out = cache_dir() / f"cpu_attention-{key}.so"
+    out = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,10 @@ class Transformer(nnx.Module):
         kv_seg = None
         if cache is not None:
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
-        sliding = jnp.asarray(cfg.sliding_layers)
+        # Which layers use the window is known at trace time; it stays a Python bool (so kernels pick one
+        # variant instead of a `lax.cond` between two, and `blockwise` skips blocks outside the window) except
+        # under scan over layers that differ, where it must be a scanned array.
+        traced_sliding = cfg.scan_layers and len(set(cfg.sliding_layers)) > 1
         x = self.embed_tokens(input_ids)
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
 
@@ -139,7 +142,8 @@ class Transformer(nnx.Module):
             return layer(x, positions=positions, q_idx=q_idx, q_seg=seg, sliding=sliding_i, kv=kv, dropout_rng=rng)
 
         if cfg.remat != "none":
-            run_layer = nnx.remat(run_layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+            run_layer = nnx.remat(run_layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
+                                  static_argnums=() if traced_sliding else (2,))
 
         new_k, new_v = [], []
         if cfg.scan_layers:
@@ -147,7 +151,8 @@ class Transformer(nnx.Module):
 
             def body(x, xs):
                 st, sl, kv, rng = xs
-                x, out = run_layer(nnx.merge(graphdef, st), x, sl, kv, rng)
+                x, out = run_layer(nnx.merge(graphdef, st), x, sl if traced_sliding else cfg.sliding_layers[0], kv,
+                                   rng)
                 return x, out
 
             kvs = None
@@ -155,6 +160,7 @@ class Transformer(nnx.Module):
                 kvs = {"k": cache["k"], "v": cache["v"],
                        "segment_ids": jnp.broadcast_to(kv_seg, (cfg.num_hidden_layers, *kv_seg.shape)),
                        "index": jnp.broadcast_to(start, (cfg.num_hidden_layers,))}
+            sliding = jnp.asarray(cfg.sliding_layers) if traced_sliding else None
             x, outs = jax.lax.scan(body, x, (state, sliding, kvs, layer_rngs))
             if cache is not None:
                 new_k, new_v = outs["k"], outs["v"]
@@ -162,7 +168,7 @@ class Transformer(nnx.Module):
             for i, layer in enumerate(self.layers):
                 kv = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i],
                                                   "segment_ids": kv_seg, "index": start}
-                x, out = run_layer(layer, x, sliding[i], kv, None if layer_rngs is None else layer_rngs[i])
+                x, out = run_layer(layer, x, cfg.sliding_layers[i], kv, None if layer_rngs is None else layer_rngs[i])
                 if out is not None:
                     new_k.append(out["k"])
                     new_v.append(out["v"])
