@@ -1,4 +1,8 @@
-"""`jaxtune` command line: wiring only. Each area registers its subcommands; heavy imports stay lazy."""
+"""`jaxtune` command line: wiring only. Each area registers its subcommands; heavy imports stay lazy.
+
+Exit codes: 0 done, 2 bad input (a usage error, or a ValueError/OSError such as a missing file or a bad
+recipe field, printed as one `error:` line that names the file and record), 1 `curate` left no records to
+write, 3 training stopped by the NaN guard; anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -42,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError) as e:  # bad paths, recipes, checkpoints, data: one line naming them, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxtune.config import ConfigError, load_recipe
+    from jaxtune.config import load_recipe
+    from jaxtune.train.loop import TrainingStopped, train
 
     try:
         cfg = load_recipe(args.recipe, args.set)
@@ -16,15 +17,10 @@ def _train(args: argparse.Namespace) -> int:
 
             print(describe_plan(cfg))
             return 0
-        from jaxtune.train.loop import TrainingStopped, train
-
         result = train(cfg, resume=args.resume, stop_after=args.stop_after)
-    except TrainingStopped as e:
+    except TrainingStopped as e:  # bad recipes, data or paths are ValueError/OSError: cli.main reports them
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ConfigError, ValueError, OSError) as e:  # bad recipe, data, model dir or run dir: no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     tail = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
     print(f"done: step {result.step}/{result.total_steps}, last train loss {result.losses[-1]:.4f}{tail}; "
           f"run dir {result.run_dir}" if result.losses else f"nothing to do: run is at step {result.step}")

@@ -1,5 +1,8 @@
 """Shared fixtures: 8 fake CPU devices (set before jax is imported), asset paths, tiny HF models."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -7,8 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # `jaxtune train` turns on JAX's persistent compilation cache under ~/.cache/jaxtune unless a directory is
-# set: the suite (and its subprocesses) gets a throwaway one instead.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", __import__("tempfile").mkdtemp(prefix="jaxtune-tests-xla-"))
+# set: the suite (and its subprocesses) gets a throwaway one instead, removed when the suite ends.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxtune-tests-xla-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 # jaxtune's CPU process defaults (jaxtune/cpu_runtime.py: an XLA:CPU flag joining the ones above, malloc
 # settings) apply only if jaxtune is imported before jax; importing it here makes every selection of tests run

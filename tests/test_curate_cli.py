@@ -1,23 +1,21 @@
 """`jaxtune curate …` wiring: arguments reach the stages, outputs load back, reports and rejects are
-written, and user errors exit 1 with a message. Model-backed commands get a scripted generator here; the real
+written, and user errors exit 2 with a message. Model-backed commands get a scripted generator here; the real
 model runs in test_curate_e2e.py."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from jaxtune.curate import cli, generator
+from jaxtune.curate import generator
 from jaxtune.data.formats import load_records
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxtune")
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from jaxtune.cli import main
+
+    return main(argv)
 
 
 def _write_jsonl(path, rows):
@@ -51,10 +49,10 @@ def test_filter_command(tmp_path, capsys):
 
 
 def test_filter_command_errors(tmp_path, capsys):
-    assert run(["curate", "filter", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")]) == 1
+    assert run(["curate", "filter", str(tmp_path / "missing.jsonl"), str(tmp_path / "o.jsonl")]) == 2  # bad input
     assert "missing.jsonl does not exist" in capsys.readouterr().err
     src = _write_jsonl(tmp_path / "in.jsonl", ROWS[2:3])
-    assert run(["curate", "filter", str(src), str(tmp_path / "o.jsonl")]) == 1
+    assert run(["curate", "filter", str(src), str(tmp_path / "o.jsonl")]) == 1  # ran, nothing to write
     assert "no records left to write" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
     with pytest.raises(SystemExit):
         run(["curate", "filter", str(src), str(tmp_path / "o.jsonl"), "--dedup", "fuzzy"])

@@ -1,17 +1,16 @@
 """prepare_dataset end to end on the real Alpaca data and stories260K tokenizer: counts that add up, the
 over-length policy, the tokenized cache, validation splits, skip mode; DataConfig checks; `jaxtune data stats`."""
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
+from jaxtune.cli import main
 from jaxtune.data import (DataConfig, RecordError, builtin_template, load_records, make_loader, pad_id_for,
                           prepare_dataset)
 from jaxtune.data import prepare as prepare_mod
-from jaxtune.data.cli import register
 from jaxtune.data.tokenize import tokenize_conversation
 
 
@@ -154,10 +153,7 @@ def test_data_config_rejects_bad_values(kw, message):
 
 
 def run_cli(argv, capsys):
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    code = args.func(args)
+    code = main(argv)
     return code, capsys.readouterr()
 
 
@@ -185,4 +181,4 @@ def test_stats_command_category_mix_and_errors(tmp_path, capsys):
     assert "records: 4 (3 valid, format alpaca)" in out.out and "skipped: invalid JSON: 1" in out.out
     assert "  qa: 2" in out.out and "  summary: 1" in out.out
     code, out = run_cli(["data", "stats", str(tmp_path / "missing.json")], capsys)
-    assert code == 1 and "does not exist" in out.err
+    assert code == 2 and out.err.startswith("error: ") and "does not exist" in out.err

@@ -96,3 +96,16 @@ def test_quickstart_trains_through_the_cli(assets_dir, tmp_path, monkeypatch, ca
     assert main(["train", "configs/quickstart.yaml", "--set", "output.run_dir=" + str(run_dir)] +
                 [x for o in overrides[1:] for x in ("--set", o)]) == 2  # refuses to overwrite without --resume
     assert "pass --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--dry-run"]])
+def test_bad_recipe_is_a_one_line_cli_error(tmp_path, capsys, extra):
+    """A recipe mistake exits 2 with the file, line and key, and no traceback (on every path through the
+    command, the dry run included)."""
+    bad = tmp_path / "r.yaml"
+    bad.write_text("model:\n  path: x\n  dtyp: float32\ndata:\n  train: d.json\n")
+    assert main(["train", str(bad)] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}:3: model.dtyp: unknown key") and "Traceback" not in err
+    assert main(["train", str(tmp_path / "none.yaml")] + extra) == 2
+    assert "recipe file not found" in capsys.readouterr().err

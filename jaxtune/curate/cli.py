@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -12,20 +11,6 @@ from jaxtune.curate.records import write_conversations, write_rows
 from jaxtune.curate.report import CurateReport, write_rejects
 from jaxtune.curate.sdft import SdftConfig, distill
 from jaxtune.curate.self_instruct import SelfInstructConfig, load_seed_tasks, self_instruct_dataset
-
-
-def _user_errors(run):
-    """Bad input files and settings print one error line and exit 1 instead of a traceback."""
-
-    @functools.wraps(run)
-    def wrapped(args) -> int:
-        try:
-            return run(args)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-    return wrapped
 
 
 def _finish(reports: list[CurateReport], args) -> None:
@@ -63,7 +48,6 @@ def _sampling(args) -> dict:
     return {"temperature": args.temperature, "top_p": args.top_p, "batch_size": args.batch_size}
 
 
-@_user_errors
 def run_filter(args) -> int:
     tokenizer = None
     if args.tokenizer:
@@ -80,7 +64,6 @@ def run_filter(args) -> int:
     return _write(kept, args.output, write_conversations)
 
 
-@_user_errors
 def run_self_instruct(args) -> int:
     from jaxtune.curate.generator import load_generate_fn
 
@@ -95,7 +78,6 @@ def run_self_instruct(args) -> int:
     return _write(rows, args.out, write_rows)
 
 
-@_user_errors
 def run_sdft(args) -> int:
     from jaxtune.curate.generator import load_generate_fn
 

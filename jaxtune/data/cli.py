@@ -22,20 +22,16 @@ def _columns(pairs: list[str]) -> dict[str, str]:
 
 
 def run_stats(args) -> int:
-    try:
-        convs, report = load_records(args.file, fmt=args.format, columns=_columns(args.column), on_error="skip",
-                                     rejects_path=args.rejects)
-        tokenizer = template = None
-        if args.tokenizer:
-            from transformers import AutoTokenizer
+    convs, report = load_records(args.file, fmt=args.format, columns=_columns(args.column), on_error="skip",
+                                 rejects_path=args.rejects)
+    tokenizer = template = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-            template = resolve_template(args.template, tokenizer)
-        stats = compute_stats(convs, report, tokenizer=tokenizer, template=template, seq_len=args.seq_len,
-                              train_on=args.train_on, end_token=args.end_token)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        template = resolve_template(args.template, tokenizer)
+    stats = compute_stats(convs, report, tokenizer=tokenizer, template=template, seq_len=args.seq_len,
+                          train_on=args.train_on, end_token=args.end_token)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     if report.rejects_path:
         print(f"rejected records written to {report.rejects_path}", file=sys.stderr)

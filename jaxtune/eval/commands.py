@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import sys
 from pathlib import Path
@@ -62,18 +61,6 @@ def resolve_target(args: argparse.Namespace) -> Target:
                   recipe=recipe)
 
 
-def _handler(fn):
-    """User-facing errors (bad paths, configs, data) become one `error:` line and exit code 2."""
-    @functools.wraps(fn)
-    def run(args):
-        try:
-            return fn(args)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
 def _write_json(path: str | None, doc: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -82,7 +69,6 @@ def _write_json(path: str | None, doc: dict) -> None:
 
 
 # -- eval loss ------------------------------------------------------------------------------------------------
-@_handler
 def _loss(args: argparse.Namespace) -> int:
     from jaxtune.eval.loss import dataset_loss, examples_loss, read_text_slice, text_loss
 
@@ -147,7 +133,6 @@ def forgetting_now(t: Target, tuned, tokenizer, args) -> tuple[dict, dict]:
     return base, monitor.measure(tuned)
 
 
-@_handler
 def _forgetting(args: argparse.Namespace) -> int:
     t = resolve_target(args)
     model, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
@@ -161,7 +146,6 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 
 # -- eval report ----------------------------------------------------------------------------------------------
-@_handler
 def _report(args: argparse.Namespace) -> int:
     from jaxtune.data.chat import resolve_template
     from jaxtune.eval import ifeval, report, rigidity
