@@ -20,12 +20,13 @@ import re
 import sys
 from collections.abc import Mapping, MutableMapping
 
-# YNNPACK also for reduce fusions, which removes most of the transposes XLA otherwise inserts around the small
-# matmuls (the stories260K train step with jaxlib 0.10.2: 1.2–1.6× before the fused CPU attention kernel;
-# with it, "dot,reduce" used 8–20% less CPU per step than "dot,eltwise,reduce", whose elementwise fusions
-# materialise every broadcast constant). The parity tests pass with it; the benchmarks use it too
+# Matmuls through YNNPACK (XLA's default list of YNN fusion types is empty). Only dots: with "reduce" too,
+# YNN grows multi-dot subgraphs (e.g. a layer's gate and up input gradients, their LoRA terms and the adds, as
+# one fusion) that use the second core poorly; with jaxlib 0.10.2, "dot" alone measured 13–23% faster than
+# "dot,reduce" on the real stories260K job, 20–35% on the SmolLM-135M-shaped step, and ahead on the tiny step,
+# in alternating runs (docs/benchmarks.md §7). The parity tests pass with it; the benchmarks use it too
 # (`bench_utils.FAST_CPU_XLA_FLAGS`).
-FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
+FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
 _FLAG_NAME = FAST_CPU_XLA_FLAGS.split("=")[0].lstrip("-")
 OPT_OUT_VAR = "JAXTUNE_XLA_CPU_FLAGS"
 

@@ -82,24 +82,33 @@ def _jax_model(s: dict, abstract: bool = False):
     return cfg, graphdef, trainable, frozen
 
 
-def _fill_random(model, seed: int = 0) -> None:
-    """Give an abstract model N(0, 0.02) weights (ones for 1-D leaves: norms), each drawn by one jitted op
-    directly in its dtype, so an 8B bf16 model never holds an fp32 copy (it must fit a 24 GiB cap)."""
-    import functools
+def _random_leaf(key, shape: tuple, dtype, max_elems: int = 2**26):
+    """N(0, 0.02) of `shape` (ones for 1-D leaves: norms). The RNG's temporaries are several times the leaf
+    (28 GiB for an 8B stacked MLP weight as XLA:CPU compiles it), so a big leaf is drawn one slice of its
+    leading axis at a time (`lax.map`), each slice at most `max_elems` elements."""
+    import math
 
     import jax
     import jax.numpy as jnp
+
+    if len(shape) == 1:
+        return jnp.ones(shape, dtype)
+    size = math.prod(shape)
+    n = next((d for d in range(1, shape[0] + 1) if shape[0] % d == 0 and size // d <= max_elems), shape[0])
+    chunk = (shape[0] // n, *shape[1:])
+    normal = lambda k: (0.02 * jax.random.normal(k, chunk, jnp.float32)).astype(dtype)  # noqa: E731
+    return normal(key) if n == 1 else jax.lax.map(normal, jax.random.split(key, n)).reshape(shape)
+
+
+def _fill_random(model, seed: int = 0) -> None:
+    """Give an abstract model random weights, each leaf drawn by one jitted op directly in its dtype, so an
+    8B bf16 model never holds an fp32 copy (it must fit a 24 GiB cap)."""
+    import jax
     from flax import nnx
 
     state = nnx.state(model)
     leaves, treedef = jax.tree.flatten(state)
-
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def draw(key, shape, dtype):
-        if len(shape) == 1:
-            return jnp.ones(shape, dtype)
-        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
+    draw = jax.jit(_random_leaf, static_argnums=(1, 2))
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     nnx.update(model, jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
 

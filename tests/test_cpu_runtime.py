@@ -40,9 +40,9 @@ def test_opt_out(value):
 
 
 def test_not_appended_when_already_set():
-    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}
+    env = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"}
     assert not apply(env)
-    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot"
+    assert env["XLA_FLAGS"] == "--xla_cpu_experimental_ynn_fusion_type=dot,reduce"
 
 
 @pytest.mark.parametrize("version", ["0.9.2", "0.11.0", "0.11.2", "1.0.0", "", "garbage"])
