@@ -346,8 +346,9 @@ def test_cli_prints_figures_and_writes_results(tmp_path, capsys):
     summary = json.loads((out / "ifeval_summary.json").read_text())
     assert summary["prompt_loose"] == 1.0 and "rows" not in summary
     missing = _write_jsonl(tmp_path / "miss.jsonl", [{"prompt": "A", "response": "x"}])
-    args = parser.parse_args(["ifeval", "--responses", str(missing), "--input", str(inputs), "--out", str(out)])
-    assert args.func(args) == 2
+    from jaxtune.cli import main
+
+    assert main(["eval", "ifeval", "--responses", str(missing), "--input", str(inputs), "--out", str(out)]) == 2
     assert "in.jsonl:2: no record" in capsys.readouterr().err
 
 

@@ -297,12 +297,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    try:
-        inputs = _load_inputs_with_lines(input_path)
-        responses = match_responses(inputs, load_responses(args.responses), input_path, args.responses)
-    except (OSError, IFEvalDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    inputs = _load_inputs_with_lines(input_path)  # bad files raise: cli.main prints them and exits 2
+    responses = match_responses(inputs, load_responses(args.responses), input_path, args.responses)
     result = score_responses([inp for _, inp in inputs], responses)
     out_dir = Path(args.out) if args.out else Path(f"ifeval_{Path(args.responses).stem}")
     rows_path, summary_path = write_results(result, out_dir)

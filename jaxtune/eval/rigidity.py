@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,13 +163,9 @@ def format_report(result: RigidityResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     probes_path = Path(args.probes) if args.probes else DEFAULT_PROBES
-    try:
-        probes = load_probes(probes_path)
-        as_inputs = [(i + 1, {"key": p.id, "prompt": p.prompt}) for i, p in enumerate(probes)]
-        responses = match_responses(as_inputs, load_responses(args.responses), probes_path, args.responses)
-    except (OSError, IFEvalDataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    probes = load_probes(probes_path)  # bad files raise: cli.main prints them and exits 2
+    as_inputs = [(i + 1, {"key": p.id, "prompt": p.prompt}) for i, p in enumerate(probes)]
+    responses = match_responses(as_inputs, load_responses(args.responses), probes_path, args.responses)
     result = score_rigidity(probes, responses, loose=args.loose, probe_set=probes_path.stem)
     out = Path(args.out) if args.out else Path(f"rigidity_{Path(args.responses).stem}")
     rows_path, summary_path = write_results(result, out, name="rigidity")
