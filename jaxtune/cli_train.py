@@ -8,17 +8,18 @@ import sys
 
 def _train(args: argparse.Namespace) -> int:
     from jaxtune.config import load_recipe
+
+    cfg = load_recipe(args.recipe, args.set)  # a bad recipe raises ValueError/OSError: cli.main reports it
+    if args.dry_run:
+        from jaxtune.train.plan import describe_plan
+
+        print(describe_plan(cfg))
+        return 0
     from jaxtune.train.loop import TrainingStopped, train
 
     try:
-        cfg = load_recipe(args.recipe, args.set)
-        if args.dry_run:
-            from jaxtune.train.plan import describe_plan
-
-            print(describe_plan(cfg))
-            return 0
         result = train(cfg, resume=args.resume, stop_after=args.stop_after)
-    except TrainingStopped as e:  # bad recipes, data or paths are ValueError/OSError: cli.main reports them
+    except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     tail = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
