@@ -57,12 +57,12 @@ def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: 
     grads, (loss, correct, n_loss, n_tokens) = loss_and_grads(graphdef, trainable, frozen, batch, rng,
                                                               loss_chunk=loss_chunk, mesh=mesh,
                                                               token_rows=token_rows)
+    # The same expression as `clip_by_global_norm`'s inside `tx`, so XLA computes the norm once.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # Zero out non-finite grads before the update so NaNs cannot leak into the discarded branch's math.
-    safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-    updates, new_opt_state = tx.update(safe, opt_state, trainable)
+    updates, new_opt_state = tx.update(grads, opt_state, trainable)
     new_params = optax.apply_updates(trainable, updates)
+    # A select, not arithmetic: whatever NaNs a non-finite step computed are dropped, not propagated.
     apply = finite & (n_loss > 0)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
     metrics = {
