@@ -1,8 +1,9 @@
 // Fused flash attention for XLA:CPU, registered through the XLA FFI (see cpu_attention.py).
 //
 // Why: at small head dims XLA:CPU runs each attention matmul (contraction 8) at a few GFLOP/s and every
-// softmax stage is a separate pass over memory. Here one query row at a time meets a 64-key tile that
-// stays in registers/L1 across the score, mask, exp, sum and the P·V / gradient products.
+// softmax stage is a separate pass over memory. Here one query row at a time (16 rows, one per vector lane,
+// in the forward for heads of 16 dims or fewer) meets a 64-key tile that stays in registers/L1 across the
+// score, mask, exp, sum and the P·V / gradient products.
 //
 // Layouts (row-major): q [B,T,H,D], k/v [B,S,K,D] (GQA: query head h uses KV head h / (H/K)),
 // q_idx/q_seg [B,T], k_idx/k_seg [B,S] int32, sliding [1] int32. Key j is visible from query i iff
@@ -138,8 +139,9 @@ struct KeyTile {
   alignas(64) int32_t idx[BK];
   alignas(64) int32_t seg[BK];
   int cols;
+  int32_t lo, hi, uniform;  // min/max slot index of the keys; the segment all BK keys share (0: mixed)
 
-  // The forward needs kt and vb (vt for narrow heads); the backward (`all`) also kb and vt.
+  // `forward` needs kt and vb; `forward_rows` and the backward (`all`) also kb and vt.
   void load(const float* k, const float* v, const Mask& m, const Shape& s, int64_t b, int64_t kh, int64_t s0,
             bool all) {
     cols = static_cast<int>(std::min<int64_t>(BK, s.S - s0));
@@ -150,17 +152,20 @@ struct KeyTile {
       for (int d = 0; d < D; ++d) {
         kt[d][j] = in ? kr[d] : 0.0f;
         vb[j][d] = in ? vr[d] : 0.0f;
-        if (all || D < 16) vt[d][j] = vb[j][d];
+        if (all) vt[d][j] = vb[j][d];
         if (all) kb[j][d] = kt[d][j];
       }
       idx[j] = in ? m.k_idx[b * s.S + s0 + j] : 0;
       seg[j] = in ? m.k_seg[b * s.S + s0 + j] : 0;
     }
+    lo = *std::min_element(idx, idx + cols);
+    hi = *std::max_element(idx, idx + cols);
+    uniform = std::all_of(seg, seg + BK, [&](int32_t x) { return x == seg[0]; }) ? seg[0] : 0;
   }
 
-  // o = o·corr + p·V for one row. Head dims below 16 accumulate along the keys, 16 lanes per dim, summed
-  // once at the end (`o` holds D vectors); wider heads accumulate along the dims.
-  // The backward reuses both for dq = dS·K (with kt / kb in place of vt / vb).
+  // o = o·corr + p·V for one row (`forward`), and dq = dS·K in the backward (with kt / kb in place of vt /
+  // vb). Head dims below 16 accumulate along the keys, 16 lanes per dim, summed once at the end (`o` holds
+  // D vectors); wider heads accumulate along the dims.
   void pv_keys(v16* o, float corr, const float* p, const float (&m)[D][BK]) const {
     for (int d = 0; d < D; ++d) {
       v16 x = o[d] * corr;
@@ -232,7 +237,6 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
     const int64_t t0 = qb * BQ, G = s.G;
     const int rows = static_cast<int>(std::min<int64_t>(BQ, s.T - t0));
     std::vector<float> qs(rows * G * D), acc(rows * G * D, 0.0f), mx(rows * G, NEG), l(rows * G, 0.0f);
-    std::vector<v16> accv(D < 16 ? rows * G * D : 0, v16{});  // see pv_keys
     alignas(64) float p[BK];
     v16 sc[NV];
     v16i vis[NV];
@@ -264,10 +268,7 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
             sum16 += e;
           }
           const float corr = std::exp(mx[rg] - top);
-          if constexpr (D < 16)
-            tile.pv_keys(&accv[rg * D], corr, p, tile.vt);
-          else
-            tile.pv_dims(&acc[rg * D], corr, p, tile.vb);
+          tile.pv_dims(&acc[rg * D], corr, p, tile.vb);
           l[rg] = l[rg] * corr + hsum(sum16);
           mx[rg] = top;
         }
@@ -278,12 +279,109 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
         const int64_t rg = r * G + g, h = kh * G + g;
         float* orow = out + ((b * s.T + t0 + r) * s.H + h) * D;
         const bool seen = mx[rg] > 0.5f * NEG;
-        if constexpr (D < 16)
-          for (int d = 0; d < D; ++d) acc[rg * D + d] = hsum(accv[rg * D + d]);
         for (int d = 0; d < D; ++d) orow[d] = seen ? acc[rg * D + d] / l[rg] : 0.0f;
         lse[(b * s.H + h) * s.T + t0 + r] = seen ? mx[rg] + std::log(l[rg]) : std::numeric_limits<float>::infinity();
       }
   });
+}
+
+// The forward for narrow heads (D <= 16): 16 query rows per vector, one lane each, so that the row max,
+// the softmax sum and the output accumulate lane-wise and no horizontal reduction or scalar exp runs per
+// tile; keys are walked one at a time with their K/V values broadcast. (Rows along the keys, as `forward`
+// does, spends most of its time on per-row reductions when a row's dot product is only 8 wide.)
+template <int D>
+void forward_rows(const Shape& s, const float* q, const float* k, const float* v, const Mask& m, float scale,
+                  float* out, float* lse) {
+  constexpr int R = 16, NR = BQ / R;
+  const int64_t nqb = (s.T + BQ - 1) / BQ, nkb = (s.S + BK - 1) / BK;
+  const bool win = m.window >= 0 && m.sliding;
+  parallel_for(s.B * s.K * nqb, [&](int64_t item) {
+    const int64_t qb = item % nqb, kh = (item / nqb) % s.K, b = item / (nqb * s.K);
+    const int64_t t0 = qb * BQ, G = s.G;
+    const int rows = static_cast<int>(std::min<int64_t>(BQ, s.T - t0));
+    // Per group of R rows: slot indices and segments (padding lanes: segment 0, sees nothing), the range of
+    // their slot indices (lo > hi: all padding, skipped), and the segment all R rows share (0 if mixed).
+    // Per (group, head): q transposed and scaled, running max, sum and output, all lane-wise.
+    std::vector<v16i> qidx(NR), qseg(NR);
+    std::vector<int32_t> glo(NR), ghi(NR), guni(NR);
+    std::vector<v16> qt(NR * G * D), acc(NR * G * D, v16{}), mx(NR * G, splat(NEG)), l(NR * G, v16{});
+    for (int gr = 0; gr < NR; ++gr) {
+      int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
+      for (int r = 0; r < R; ++r) {
+        const int64_t t = gr * R + r;
+        const bool in = t < rows;
+        qidx[gr][r] = in ? m.q_idx[b * s.T + t0 + t] : 0;
+        qseg[gr][r] = in ? m.q_seg[b * s.T + t0 + t] : 0;
+        if (in && qseg[gr][r] != 0) lo = std::min(lo, qidx[gr][r]), hi = std::max(hi, qidx[gr][r]);
+        for (int64_t g = 0; g < G; ++g)
+          for (int d = 0; d < D; ++d)
+            qt[(gr * G + g) * D + d][r] = in ? q[((b * s.T + t0 + t) * s.H + kh * G + g) * D + d] * scale : 0.0f;
+      }
+      glo[gr] = lo, ghi[gr] = hi;
+      guni[gr] = qseg[gr][0];
+      for (int r = 1; r < R; ++r) guni[gr] = qseg[gr][r] == guni[gr] ? guni[gr] : 0;
+    }
+    KeyTile<D> tile;
+    alignas(64) v16 sc[BK];
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      bool loaded = false;
+      for (int gr = 0; gr < NR && gr * R < rows; ++gr) {
+        if (glo[gr] > ghi[gr] || !m.reachable(b, kb, nkb, glo[gr], ghi[gr])) continue;
+        if (!loaded) tile.load(k, v, m, s, b, kh, kb * BK, true), loaded = true;  // kb, vb: by key
+        // Every key visible from every row of the group (below the diagonal, one segment, inside any
+        // window): the mask is skipped.
+        const bool all = tile.uniform != 0 && tile.uniform == guni[gr] && tile.hi <= glo[gr] &&
+                         !(win && static_cast<int64_t>(tile.lo) <= static_cast<int64_t>(ghi[gr]) - m.window);
+        const v16i lo_win = qidx[gr] - static_cast<int32_t>(std::min<int64_t>(m.window, 1 << 30));
+        for (int64_t g = 0; g < G; ++g) {
+          const v16* qg = &qt[(gr * G + g) * D];
+          v16 top = mx[gr * G + g];
+          for (int j = 0; j < tile.cols; ++j) {
+            v16 x = v16{};
+            for (int d = 0; d < D; ++d) x += qg[d] * tile.kb[j][d];
+            if (!all) {
+              v16i ok = (tile.idx[j] <= qidx[gr]) & (qseg[gr] == tile.seg[j]) & (tile.seg[j] != 0);
+              if (win) ok &= tile.idx[j] > lo_win;
+              x = ok ? x : splat(NEG);
+            }
+            sc[j] = x;
+            top = vmax(top, x);
+          }
+          v16* o = &acc[(gr * G + g) * D];
+          const v16 corr = vexp(mx[gr * G + g] - top);
+          v16 sum = v16{};
+          for (int d = 0; d < D; ++d) o[d] *= corr;
+          for (int j = 0; j < tile.cols; ++j) {
+            const v16 p = sc[j] > 0.5f * NEG ? vexp(sc[j] - top) : v16{};
+            sum += p;
+            for (int d = 0; d < D; ++d) o[d] += p * tile.vb[j][d];
+          }
+          l[gr * G + g] = l[gr * G + g] * corr + sum;
+          mx[gr * G + g] = top;
+        }
+      }
+    }
+    for (int gr = 0; gr < NR; ++gr)
+      for (int64_t g = 0; g < G; ++g)
+        for (int r = 0; r < R && gr * R + r < rows; ++r) {
+          const int64_t t = t0 + gr * R + r, h = kh * G + g, rg = gr * G + g;
+          const bool seen = mx[rg][r] > 0.5f * NEG;
+          float* orow = out + ((b * s.T + t) * s.H + h) * D;
+          for (int d = 0; d < D; ++d) orow[d] = seen ? acc[rg * D + d][r] / l[rg][r] : 0.0f;
+          lse[(b * s.H + h) * s.T + t] = seen ? mx[rg][r] + std::log(l[rg][r]) : std::numeric_limits<float>::infinity();
+        }
+  });
+}
+
+// Narrow heads run rows in lanes, wider ones keys in lanes: measured on AVX-512, `forward_rows` is
+// 1.3-1.7x faster at D = 8 and 16 and slower at 32 and 64, where `forward` keeps its accumulators in registers.
+template <int D>
+void forward_any(const Shape& s, const float* q, const float* k, const float* v, const Mask& m, float scale,
+                 float* out, float* lse) {
+  if constexpr (D <= 16)
+    forward_rows<D>(s, q, k, v, m, scale, out, lse);
+  else
+    forward<D>(s, q, k, v, m, scale, out, lse);
 }
 
 template <int D>
@@ -410,7 +508,7 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   if (auto e = check(s); e.failure()) return e;
   const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_FWD(N) \
-  if (s.D == N) return forward<N>(s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out->typed_data(), lse->typed_data()), ffi::Error::Success();
+  if (s.D == N) return forward_any<N>(s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out->typed_data(), lse->typed_data()), ffi::Error::Success();
   JAXTUNE_HEAD_DIMS(JAXTUNE_FWD)
 #undef JAXTUNE_FWD
   return ffi::Error::InvalidArgument("unsupported head_dim for the CPU flash kernel");
