@@ -60,11 +60,14 @@ def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: 
     # The same expression as `clip_by_global_norm`'s inside `tx`, so XLA computes the norm once.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt_state = tx.update(grads, opt_state, trainable)
-    new_params = optax.apply_updates(trainable, updates)
-    # A select, not arithmetic: whatever NaNs a non-finite step computed are dropped, not propagated.
-    apply = finite & (n_loss > 0)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(apply, a, b), new, old)  # noqa: E731
+
+    def update():
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), new_opt_state
+
+    # A branch, not a select per leaf: with `jnp.where(apply, new, old)` XLA copied every donated moment
+    # buffer each step (2 per parameter) to keep `old` alive next to the in-place `new`.
+    new_params, new_opt_state = jax.lax.cond(finite & (n_loss > 0), update, lambda: (trainable, opt_state))
     metrics = {
         "loss": loss,
         "accuracy": correct / jnp.maximum(n_loss, 1.0),
@@ -73,7 +76,7 @@ def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: 
         "tokens": n_tokens,
         "finite": finite,
     }
-    return keep(new_params, trainable), keep(new_opt_state, opt_state), metrics
+    return new_params, new_opt_state, metrics
 
 
 def eval_step(graphdef, trainable, frozen, batch: dict, *, loss_chunk: int | None = None,
