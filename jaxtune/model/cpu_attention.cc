@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -208,31 +209,38 @@ struct KeyTile {
   }
 };
 
-// Runs fn(item) for item in [0, n) on up to `threads` threads (the caller's included).
+// Runs fn(item) for item in [0, n) on the caller and up to `threads - 1` tasks of XLA's intra-op pool (the
+// pool that runs every other op of the step, so the kernel never oversubscribes the cores; a helper that
+// starts late finds no work left). The caller waits only for items a helper has taken.
+// JAXTUNE_CPU_ATTENTION_THREADS caps `threads` (default: the pool's size).
 template <typename F>
-void parallel_for(int64_t n, F fn) {
-  static const int hw = [] {
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
+  static const int cap = [] {
     const char* env = std::getenv("JAXTUNE_CPU_ATTENTION_THREADS");
-    int t = env ? std::atoi(env) : static_cast<int>(std::thread::hardware_concurrency());
-    return std::max(1, t);
+    return env ? std::max(1, std::atoi(env)) : std::numeric_limits<int>::max();
   }();
-  const int threads = static_cast<int>(std::min<int64_t>(hw, n));
-  std::atomic<int64_t> next{0};
-  auto work = [&] {
-    for (int64_t i; (i = next.fetch_add(1)) < n;) fn(i);
+  struct Work {
+    std::atomic<int64_t> next{0}, done{0};
   };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
+  auto w = std::make_shared<Work>();
+  auto run = [w, n](F& f) {
+    for (int64_t i; (i = w->next.fetch_add(1)) < n;) {
+      f(i);
+      w->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t threads = std::min<int64_t>({std::max<int64_t>(1, pool.num_threads()), cap, n});
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run, &fn] { run(fn); });
+  run(fn);
+  while (w->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
 template <int D>
-void forward(const Shape& s, const float* q, const float* k, const float* v, const Mask& m, float scale,
-             float* out, float* lse) {
+void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
+             const Mask& m, float scale, float* out, float* lse) {
   const int64_t nqb = (s.T + BQ - 1) / BQ, nkb = (s.S + BK - 1) / BK;
   // One work item per (b, KV head, query tile): each key tile loaded serves the tile's rows of all G heads.
-  parallel_for(s.B * s.K * nqb, [&](int64_t item) {
+  parallel_for(pool, s.B * s.K * nqb, [&](int64_t item) {
     const int64_t qb = item % nqb, kh = (item / nqb) % s.K, b = item / (nqb * s.K);
     const int64_t t0 = qb * BQ, G = s.G;
     const int rows = static_cast<int>(std::min<int64_t>(BQ, s.T - t0));
@@ -290,12 +298,12 @@ void forward(const Shape& s, const float* q, const float* k, const float* v, con
 // tile; keys are walked one at a time with their K/V values broadcast. (Rows along the keys, as `forward`
 // does, spends most of its time on per-row reductions when a row's dot product is only 8 wide.)
 template <int D>
-void forward_rows(const Shape& s, const float* q, const float* k, const float* v, const Mask& m, float scale,
-                  float* out, float* lse) {
+void forward_rows(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
+                  const Mask& m, float scale, float* out, float* lse) {
   constexpr int R = 16, NR = BQ / R;
   const int64_t nqb = (s.T + BQ - 1) / BQ, nkb = (s.S + BK - 1) / BK;
   const bool win = m.window >= 0 && m.sliding;
-  parallel_for(s.B * s.K * nqb, [&](int64_t item) {
+  parallel_for(pool, s.B * s.K * nqb, [&](int64_t item) {
     const int64_t qb = item % nqb, kh = (item / nqb) % s.K, b = item / (nqb * s.K);
     const int64_t t0 = qb * BQ, G = s.G;
     const int rows = static_cast<int>(std::min<int64_t>(BQ, s.T - t0));
@@ -376,21 +384,22 @@ void forward_rows(const Shape& s, const float* q, const float* k, const float* v
 // Narrow heads run rows in lanes, wider ones keys in lanes: measured on AVX-512, `forward_rows` is
 // 1.3-1.7x faster at D = 8 and 16 and slower at 32 and 64, where `forward` keeps its accumulators in registers.
 template <int D>
-void forward_any(const Shape& s, const float* q, const float* k, const float* v, const Mask& m, float scale,
-                 float* out, float* lse) {
+void forward_any(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
+                 const Mask& m, float scale, float* out, float* lse) {
   if constexpr (D <= 16)
-    forward_rows<D>(s, q, k, v, m, scale, out, lse);
+    forward_rows<D>(pool, s, q, k, v, m, scale, out, lse);
   else
-    forward<D>(s, q, k, v, m, scale, out, lse);
+    forward<D>(pool, s, q, k, v, m, scale, out, lse);
 }
 
 template <int D>
-void backward(const Shape& s, const float* q, const float* k, const float* v, const Mask& m, float scale,
-              const float* out, const float* lse, const float* dout, float* dq, float* dk, float* dv) {
+void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
+              const Mask& m, float scale, const float* out, const float* lse, const float* dout, float* dq,
+              float* dk, float* dv) {
   const int64_t nkb = (s.S + BK - 1) / BK, nqb = (s.T + BQ - 1) / BQ;
   // One work item per (b, KV head): it owns dq of its G query heads and dk/dv of its KV head, so no
   // accumulation is shared between threads.
-  parallel_for(s.B * s.K, [&](int64_t item) {
+  parallel_for(pool, s.B * s.K, [&](int64_t item) {
     const int64_t b = item / s.K, kh = item % s.K;
     std::vector<float> delta(s.G * s.T);
     std::vector<v16> dqv(D < 16 ? s.T * s.G * D : 0, v16{});  // dq = dS·K, accumulated like the forward's P·V
@@ -500,7 +509,7 @@ Mask mask_of(const Shape& s, ffi::Buffer<ffi::S32>& q_idx, ffi::Buffer<ffi::S32>
 // Head dims with a specialised kernel (the loops over D unroll); the Python side only calls with these.
 #define JAXTUNE_HEAD_DIMS(X) X(8) X(16) X(32) X(64) X(96) X(128) X(256)
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                ffi::Buffer<ffi::S32> q_idx, ffi::Buffer<ffi::S32> k_idx, ffi::Buffer<ffi::S32> q_seg,
                ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> sliding, ffi::ResultBuffer<ffi::F32> out,
                ffi::ResultBuffer<ffi::F32> lse, int64_t window, float scale) {
@@ -508,13 +517,13 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   if (auto e = check(s); e.failure()) return e;
   const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_FWD(N) \
-  if (s.D == N) return forward_any<N>(s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out->typed_data(), lse->typed_data()), ffi::Error::Success();
+  if (s.D == N) return forward_any<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out->typed_data(), lse->typed_data()), ffi::Error::Success();
   JAXTUNE_HEAD_DIMS(JAXTUNE_FWD)
 #undef JAXTUNE_FWD
   return ffi::Error::InvalidArgument("unsupported head_dim for the CPU flash kernel");
 }
 
-ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+ffi::Error Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                ffi::Buffer<ffi::S32> q_idx, ffi::Buffer<ffi::S32> k_idx, ffi::Buffer<ffi::S32> q_seg,
                ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> sliding, ffi::Buffer<ffi::F32> out,
                ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
@@ -524,7 +533,7 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
   const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_BWD(N)                                                                                   \
   if (s.D == N)                                                                                          \
-    return backward<N>(s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out.typed_data(),     \
+    return backward<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out.typed_data(),     \
                        lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),          \
                        dv->typed_data()),                                                                \
            ffi::Error::Success();
@@ -535,9 +544,10 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi
 
 }  // namespace
 
-// The operands both handlers start with: q, k, v, q_idx, k_idx, q_seg, k_seg, sliding.
+// What both handlers start with: XLA's intra-op thread pool, then q, k, v, q_idx, k_idx, q_seg, k_seg, sliding.
 static auto BindAttentionInputs() {
   return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
       .Arg<ffi::Buffer<ffi::F32>>()
