@@ -142,7 +142,7 @@ struct KeyTile {
   int cols;
   int32_t lo, hi, uniform;  // min/max slot index of the keys; the segment all BK keys share (0: mixed)
 
-  // `forward` needs kt and vb; `forward_rows` and the backward (`all`) also kb and vt.
+  // `forward` needs kt and vb; `forward_rows` (kb, vb) and the backward (all four) load `all`.
   void load(const float* k, const float* v, const Mask& m, const Shape& s, int64_t b, int64_t kh, int64_t s0,
             bool all) {
     cols = static_cast<int>(std::min<int64_t>(BK, s.S - s0));
@@ -164,12 +164,13 @@ struct KeyTile {
     uniform = std::all_of(seg, seg + BK, [&](int32_t x) { return x == seg[0]; }) ? seg[0] : 0;
   }
 
-  // o = o·corr + p·V for one row (`forward`), and dq = dS·K in the backward (with kt / kb in place of vt /
-  // vb). Head dims below 16 accumulate along the keys, 16 lanes per dim, summed once at the end (`o` holds
-  // D vectors); wider heads accumulate along the dims.
-  void pv_keys(v16* o, float corr, const float* p, const float (&m)[D][BK]) const {
+  // o += p·M for one row: dq += dS·K in the backward (M = kt or kb) and, rescaled by `corr`, o = o·corr + p·V
+  // in `forward` (M = vb). Below 16 dims (the backward only: narrow forwards run `forward_rows`) it
+  // accumulates along the keys, 16 lanes per dim, summed once at the end (`o` holds D vectors); wider heads
+  // accumulate along the dims.
+  void pv_keys(v16* o, const float* p, const float (&m)[D][BK]) const {
     for (int d = 0; d < D; ++d) {
-      v16 x = o[d] * corr;
+      v16 x = o[d];
       for (int c = 0; c < NV; ++c) x += vload(&p[c * 16]) * vload(&m[d][c * 16]);
       o[d] = x;
     }
@@ -467,7 +468,7 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
             }
             dob[n] = dor;
             if constexpr (D < 16)
-              tile.pv_keys(&dqv[(t * s.G + g) * D], 1.0f, ds, tile.kt);
+              tile.pv_keys(&dqv[(t * s.G + g) * D], ds, tile.kt);
             else
               tile.pv_dims(dq + off, 1.0f, ds, tile.kb);
             if (++n == GB) flush();
@@ -533,9 +534,9 @@ ffi::Error Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
   const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_BWD(N)                                                                                   \
   if (s.D == N)                                                                                          \
-    return backward<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out.typed_data(),     \
-                       lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(),          \
-                       dv->typed_data()),                                                                \
+    return backward<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale,               \
+                       out.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),          \
+                       dk->typed_data(), dv->typed_data()),                                              \
            ffi::Error::Success();
   JAXTUNE_HEAD_DIMS(JAXTUNE_BWD)
 #undef JAXTUNE_BWD

@@ -57,7 +57,8 @@ def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: 
     grads, (loss, correct, n_loss, n_tokens) = loss_and_grads(graphdef, trainable, frozen, batch, rng,
                                                               loss_chunk=loss_chunk, mesh=mesh,
                                                               token_rows=token_rows)
-    # The same expression as `clip_by_global_norm`'s inside `tx`, so XLA computes the norm once.
+    # `clip_by_global_norm` inside `tx` computes this norm again in the branch below (XLA cannot share a value
+    # across the branch boundary): one more read of the gradients, far cheaper than the copies a select cost.
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
