@@ -1,22 +1,20 @@
-"""jaxtune: supervised instruction tuning of Hugging Face causal LMs in JAX/Flax NNX."""
+"""jaxtune: supervised instruction tuning of Hugging Face causal LMs in JAX/Flax NNX.
 
-# Before anything imports jax: the CPU process defaults (jaxtune/cpu_runtime.py; opt out:
-# JAXTUNE_XLA_CPU_FLAGS=0, JAXTUNE_CPU_MALLOC=0).
-from jaxtune import cpu_runtime as _cpu_runtime
+Importing jaxtune changes nothing in the process and imports nothing heavy: the public names below load
+their modules on first use. On a CPU, call `jaxtune.apply_cpu_defaults()` before anything imports jax to get
+the XLA flag and malloc settings the `jaxtune` command applies (see `jaxtune/runtime.py`).
+"""
 
-_cpu_runtime.apply_default_cpu_flags()
-_cpu_runtime.tune_malloc()
+from jaxtune.version import __version__
 
-__version__ = "0.1.0"
-
-# Lazy public surface: `jaxtune eval ifeval` and other light commands should not pay for importing jax.
 _EXPORTS = {
-    "load_pretrained": "jaxtune.convert.hf_load",
-    "load_tokenizer": "jaxtune.convert.hf_load",
-    "load_config": "jaxtune.convert.hf_load",
+    "load_pretrained": "jaxtune.hf.load",
+    "load_tokenizer": "jaxtune.hf.load",
+    "load_config": "jaxtune.hf.load",
     "ModelConfig": "jaxtune.model.config",
     "Transformer": "jaxtune.model.transformer",
-    "LoraConfig": "jaxtune.lora",
+    "LoraConfig": "jaxtune.lora.config",
+    "apply_cpu_defaults": "jaxtune.runtime",
 }
 __all__ = [*_EXPORTS, "__version__"]
 

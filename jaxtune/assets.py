@@ -71,13 +71,3 @@ def quickstart_assets(cache: Path | None = None) -> QuickstartAssets:
         return QuickstartAssets(bundled / "models" / "stories260K-hf", bundled / "data" / "alpaca_data_1k.json",
                                 bundled / "data" / "alpaca_en_demo.json", f"bundled assets ({bundled})")
     return _from_hub(cache or REPO_ROOT / ".jaxtune_cache" / "quickstart")
-
-
-def main() -> None:
-    """Print shell assignments for scripts/quickstart.sh."""
-    a = quickstart_assets()
-    print(f"MODEL='{a.model}'\nTRAIN='{a.train}'\nHELD_OUT='{a.heldout}'\nORIGIN='{a.origin}'")
-
-
-if __name__ == "__main__":
-    main()

@@ -62,17 +62,29 @@ class Generation:
     stop_tokens: list[int | None]
 
 
-def default_stop_ids(config, tokenizer=None) -> tuple[int, ...]:
-    """EOS ids from the model config plus the tokenizer's EOS, in order, without duplicates."""
-    ids: list[int] = []
-    eos = config.eos_token_id
-    for i in (eos if isinstance(eos, (tuple, list)) else (eos,)):
-        if i is not None and i not in ids:
-            ids.append(int(i))
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    if tok_eos is not None and tok_eos not in ids:
-        ids.append(int(tok_eos))
-    return tuple(ids)
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+def stop_token_ids(model_config, tokenizer=None, chat_template: str | None = None, extra=(),
+                   generation: dict | None = None) -> list[int]:
+    """The one stop-token rule: every id generation stops at, in order without duplicates: the config's and
+    generation config's EOS, `extra`, the tokenizer's EOS, and the end-of-turn markers the chat template
+    (`chat_template`, else the tokenizer's) actually emits (e.g. `<|im_end|>` next to `<|endoftext|>`)."""
+    from jaxtune.data.chat import END_OF_TURN
+
+    ids = _ids(model_config.eos_token_id) + _ids((generation or {}).get("eos_token_id")) + _ids(extra)
+    if tokenizer is not None:
+        ids += _ids(getattr(tokenizer, "eos_token_id", None))
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):
+            template = "\n".join(template.values())
+        if template:
+            vocab = tokenizer.get_vocab()
+            ids += [vocab[m] for m in END_OF_TURN if m in template and m in vocab]
+    return list(dict.fromkeys(ids))
 
 
 def sample_logits(logits: Array, key: Array, temperature: Array, top_k: Array, top_p: Array, greedy: bool) -> Array:
@@ -218,7 +230,7 @@ def generate_text(model, tokenizer, prompts: Sequence[str], params: SamplingPara
     """Text in, text out; stops on the model's and tokenizer's EOS unless `params.stop_ids` says otherwise."""
     params = params or SamplingParams()
     if not params.stop_ids:
-        params = dataclasses.replace(params, stop_ids=default_stop_ids(model.config, tokenizer))
+        params = dataclasses.replace(params, stop_ids=tuple(stop_token_ids(model.config, tokenizer)))
     encoded = [tokenizer.encode(p, add_special_tokens=add_special_tokens) for p in prompts]
     result = generate(model, encoded, params, bucket=bucket)
     return [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
@@ -259,3 +271,23 @@ def prompt_ids(tokenizer, user_text: str, template: str | None = None, history: 
     if adds_bos(tokenizer) and (not ids or ids[0] != bos):
         ids = [bos, *ids]
     return ids
+
+
+def load_for_inference(model_dir: str, adapter: str | None = None, *, tokenizer: str | None = None,
+                       dtype: str = "float32"):
+    """`(model, tokenizer)` from an HF model dir, optionally with a PEFT adapter on top. The tokenizer comes
+    from `tokenizer`, else the adapter dir when it carries one (jaxtune's export saves the training chat
+    template there), else the model dir."""
+    from pathlib import Path
+
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
+    from jaxtune.model.config import parse_dtype
+
+    model = load_pretrained(model_dir, parse_dtype(dtype, "--dtype"))
+    if adapter:
+        from jaxtune.lora.peft import load_peft_adapter
+
+        model = load_peft_adapter(model, adapter)
+    if tokenizer is None:
+        tokenizer = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
+    return model, load_tokenizer(tokenizer)

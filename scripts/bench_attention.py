@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxtune import bench_utils as bu  # noqa: E402
+from bench import utils as bu  # noqa: E402
 
 
 def _torch_times(b, t, h, kh, d, dtype, repeats, base):

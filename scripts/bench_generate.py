@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxtune import bench_utils as bu  # noqa: E402
+from bench import utils as bu  # noqa: E402
 
 DEFAULTS = {"cpu": dict(prompt=32, new=64, dtype="float32", repeats=3),
             "gpu": dict(prompt=128, new=128, dtype="bfloat16", repeats=3)}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxtune import bench_utils as bu  # noqa: E402
+from bench import utils as bu  # noqa: E402
 
 LORA_RANK = 16
 
@@ -55,7 +55,9 @@ def _jax_model(s: dict, abstract: bool = False):
     import transformers
     from flax import nnx
 
-    from jaxtune.lora import LoraConfig, apply_lora, split_trainable, trainable_filter
+    from jaxtune.lora.config import LoraConfig
+    from jaxtune.lora.apply import apply_lora
+    from jaxtune.train.partition import split_trainable, trainable_filter
     from jaxtune.model.config import from_hf_config
     from jaxtune.model.transformer import Transformer
 
@@ -138,7 +140,7 @@ def jax_worker(s: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxtune.lora import count_params
+    from jaxtune.lora.apply import count_params
 
     t0 = time.perf_counter()
     cfg, graphdef, trainable, frozen = _jax_model(s)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxtune import bench_utils as bu  # noqa: E402
+from bench import utils as bu  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -74,9 +74,9 @@ def jax_worker(s: dict) -> dict:
     import jax
     import numpy as np
 
-    from jaxtune.config import RecipeConfig, from_dict
+    from jaxtune.recipe import RecipeConfig, from_dict
     from jaxtune.data.prepare import prepare_dataset
-    from jaxtune.lora import count_params
+    from jaxtune.lora.apply import count_params
     from jaxtune.model.sharding import shard_batch
     from jaxtune.train.loop import (build_mesh, build_steps, evaluate, gc_frozen, load_model, make_loaders,
                                     partition)

@@ -7,7 +7,7 @@
 # Run dir: $RUN_DIR (runs/quickstart).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh" "[dev]"
 export TOKENIZERS_PARALLELISM=false JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
-eval "$(python -m jaxtune.assets)"  # sets MODEL, TRAIN, HELD_OUT (another Alpaca set the run never sees), ORIGIN
+eval "$(python -m jaxtune.cli.assets)"  # sets MODEL, TRAIN, HELD_OUT (another Alpaca set the run never sees), ORIGIN
 echo "[quickstart] model $MODEL, data $TRAIN ($ORIGIN)"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 RUN="${RUN_DIR:-runs/quickstart}"

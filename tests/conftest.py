@@ -15,10 +15,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxtune-tests-xla-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-# jaxtune's CPU process defaults (jaxtune/cpu_runtime.py: an XLA:CPU flag joining the ones above, malloc
-# settings) apply only if jaxtune is imported before jax; importing it here makes every selection of tests run
-# as the whole suite and users do.
-import jaxtune  # noqa: E402,F401
+# jaxtune's CPU process defaults (jaxtune/runtime.py: an XLA:CPU flag joining the ones above, malloc settings)
+# work only before jax is imported; applying them here makes every selection of tests run as the whole suite
+# and the `jaxtune` command do.
+from jaxtune.runtime import apply_cpu_defaults  # noqa: E402
+
+apply_cpu_defaults()
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402

@@ -209,7 +209,7 @@ def test_backend_model_matches_transformers(tmp_path, variant, impl):
     """Logit parity with HF eager (the parity suite's bar) holds per backend on padded inputs (qwen3's head
     dim 24 runs zero-padded to 32 in `cpu_flash`)."""
     hf_models = pytest.importorskip("hf_models")
-    from jaxtune import load_pretrained
+    from jaxtune.hf.load import load_pretrained
 
     torch_model = hf_models.build(variant, tmp_path)
     ids = np.random.default_rng(5).integers(0, 128, (2, 100))

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from jaxtune import cache
-from jaxtune.config import RecipeConfig, from_dict
+from jaxtune.recipe import RecipeConfig, from_dict
 
 
 @pytest.fixture

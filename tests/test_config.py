@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from jaxtune.config import ConfigError, RecipeConfig, apply_overrides, dump_recipe, load_recipe
-from jaxtune.lora import LoraConfig
+from jaxtune.recipe import ConfigError, RecipeConfig, apply_overrides, dump_recipe, load_recipe
+from jaxtune.lora.config import LoraConfig
 
 BASE = """\
 model:

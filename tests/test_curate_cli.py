@@ -13,7 +13,7 @@ from jaxtune.data.formats import load_records
 
 
 def run(argv: list[str]) -> int:
-    from jaxtune.cli import main
+    from jaxtune.cli.main import main
 
     return main(argv)
 

@@ -70,7 +70,7 @@ def test_prompt_longer_than_the_model_is_a_clear_error(stories_fn):
 
 
 def test_chat_template_wraps_prompts(stories_dir):
-    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
 
     tokenizer = load_tokenizer(stories_dir)
     model = load_pretrained(stories_dir)

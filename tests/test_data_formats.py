@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from jaxtune.data import RecordError, load_records
+from jaxtune.data.formats import load_records
+from jaxtune.data.report import RecordError
 from jaxtune.data.formats import read_records
 
 

@@ -6,7 +6,10 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from jaxtune.data import Conversation, RecordError, builtin_template, load_records, tokenize_conversation
+from jaxtune.data.chat import builtin_template
+from jaxtune.data.formats import Conversation, load_records
+from jaxtune.data.report import RecordError
+from jaxtune.data.tokenize import tokenize_conversation
 from jaxtune.data.tokenize import adds_bos
 
 # ----------------------------------------------------------------------------------------- templates

@@ -6,7 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxtune.data import BATCH_KEYS, make_loader, pack_examples, pad_id_for
+from jaxtune.data.loader import make_loader, pad_id_for
+from jaxtune.data.packing import BATCH_KEYS, pack_examples
 from jaxtune.data.packing import first_fit
 
 SEQ = 32

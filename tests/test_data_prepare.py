@@ -7,9 +7,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jaxtune.cli import main
-from jaxtune.data import (DataConfig, RecordError, builtin_template, load_records, make_loader, pad_id_for,
-                          prepare_dataset)
+from jaxtune.cli.main import main
+from jaxtune.data.chat import builtin_template
+from jaxtune.data.config import DataConfig
+from jaxtune.data.formats import load_records
+from jaxtune.data.loader import make_loader, pad_id_for
+from jaxtune.data.prepare import prepare_dataset
+from jaxtune.data.report import RecordError
 from jaxtune.data import prepare as prepare_mod
 from jaxtune.data.tokenize import tokenize_conversation
 

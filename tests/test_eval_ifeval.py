@@ -5,13 +5,13 @@ import json
 
 import pytest
 
+from jaxtune.cli.eval import register
 from jaxtune.eval import ifeval_text
 from jaxtune.eval.ifeval import (
     IFEvalDataError,
     load_ifeval_inputs,
     load_responses,
     match_responses,
-    register,
     score_responses,
 )
 from jaxtune.eval.ifeval_checks import (
@@ -127,6 +127,7 @@ CASES = [
 @pytest.mark.parametrize("instruction_id,kwargs,response,expected", CASES)
 def test_checker(instruction_id, kwargs, response, expected):
     assert check_instruction(instruction_id, kwargs, "prompt", response) is expected
+
 
 
 def test_every_checker_has_positive_and_negative_cases():
@@ -346,7 +347,7 @@ def test_cli_prints_figures_and_writes_results(tmp_path, capsys):
     summary = json.loads((out / "ifeval_summary.json").read_text())
     assert summary["prompt_loose"] == 1.0 and "rows" not in summary
     missing = _write_jsonl(tmp_path / "miss.jsonl", [{"prompt": "A", "response": "x"}])
-    from jaxtune.cli import main
+    from jaxtune.cli.main import main
 
     assert main(["eval", "ifeval", "--responses", str(missing), "--input", str(inputs), "--out", str(out)]) == 2
     assert "in.jsonl:2: no record" in capsys.readouterr().err

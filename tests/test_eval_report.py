@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtune.cli import main
+from jaxtune.cli.main import main
 from jaxtune.eval import report as rp
 from jaxtune.eval.ifeval import load_ifeval_inputs, score_responses
 from jaxtune.eval.rigidity import load_probes, score_rigidity
@@ -145,9 +145,10 @@ def test_read_metrics_names_bad_lines(tmp_path):
 @pytest.fixture(scope="module")
 def adapter_dir(stories_dir, tmp_path_factory):
     """A PEFT adapter for stories260K with non-zero B, so base and tuned generations differ."""
-    from jaxtune import load_pretrained, load_tokenizer
-    from jaxtune.export import save_peft_adapter
-    from jaxtune.lora import LoraConfig, apply_lora, lora_sites
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
+    from jaxtune.lora.peft import save_peft_adapter
+    from jaxtune.lora.config import LoraConfig
+    from jaxtune.lora.apply import apply_lora, lora_sites
 
     model = load_pretrained(stories_dir)
     apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj")), nnx.Rngs(0))
@@ -184,7 +185,7 @@ def test_eval_report_cli_end_to_end(stories_dir, adapter_dir, assets_dir, tmp_pa
 
 
 def test_eval_forgetting_and_loss_cli(stories_dir, adapter_dir, assets_dir, tmp_path, capsys):
-    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
     from jaxtune.eval.forgetting import ForgettingConfig, ForgettingMonitor
 
     shakespeare = str(assets_dir / "data" / "tinyshakespeare_input.txt")
@@ -219,7 +220,7 @@ def test_recipe_form_finds_the_exported_adapter(stories_dir, adapter_dir, tmp_pa
     import argparse
     import shutil
 
-    from jaxtune.eval.commands import resolve_target
+    from jaxtune.cli.eval import resolve_target
 
     run = tmp_path / "run"
     shutil.copytree(adapter_dir, run / "export" / "adapter")
@@ -236,7 +237,7 @@ def test_recipe_form_finds_the_exported_adapter(stories_dir, adapter_dir, tmp_pa
 
 
 def test_generate_and_chat_cli(stories_dir, monkeypatch, capsys):
-    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
     from jaxtune.generate import SamplingParams, generate, prompt_ids
     from jaxtune.data.chat import builtin_template
 

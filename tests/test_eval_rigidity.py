@@ -5,12 +5,12 @@ import json
 
 import pytest
 
+from jaxtune.cli.eval import register
 from jaxtune.eval.ifeval import IFEvalDataError
 from jaxtune.eval.rigidity import (
     CATEGORIES,
     DEFAULT_PROBES,
     load_probes,
-    register,
     score_probe,
     score_rigidity,
 )
@@ -95,6 +95,7 @@ BOTH_SIDES = {
 @pytest.fixture(scope="module")
 def probes():
     return load_probes()
+
 
 
 def test_v1_probe_file_is_well_formed(probes):

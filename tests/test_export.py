@@ -3,7 +3,6 @@ peft-made adapter → jaxtune; atomic writes; refusal of adapter options we do n
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
@@ -15,10 +14,12 @@ import pytest
 from hf_models import torch_logits
 
 from jaxtune import load_pretrained
-from jaxtune.convert import hf_save
-from jaxtune.convert.hf_load import read_safetensors
-from jaxtune.export import AdapterError, load_peft_adapter, save_merged, save_peft_adapter
-from jaxtune.lora import LoraConfig, apply_lora, lora_sites
+from jaxtune.hf import save as hf_save
+from jaxtune.hf.load import read_safetensors
+from jaxtune.lora.peft import AdapterError, load_peft_adapter, save_peft_adapter
+from jaxtune.export import save_merged
+from jaxtune.lora.config import LoraConfig
+from jaxtune.lora.apply import apply_lora, lora_sites
 
 ATOL = 1e-4
 CASES = [(f, s) for f in ("llama_gqa", "qwen2_bias") for s in (False, True)]
@@ -241,11 +242,9 @@ def test_bad_adapters_are_refused_clearly(jaxtune_adapter, tmp_path, change, mat
 
 
 def _cli(argv):
-    from jaxtune.cli_lora import register
+    from jaxtune.cli.main import build_parser
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

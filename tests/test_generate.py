@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 
 from jaxtune import load_pretrained, load_tokenizer
-from jaxtune.generate import (SamplingParams, _generate_jit, _stepper, default_stop_ids, generate, generate_text,
+from jaxtune.generate import (SamplingParams, _generate_jit, _stepper, stop_token_ids, generate, generate_text,
                               pad_prompts, sample_logits, stream)
 
 # llama2.c test_all.py `expected_stdout`: `run stories260K.bin -t 0 -n 200` (200 tokens after BOS).
@@ -45,7 +45,7 @@ def _hf_greedy(hf, prompt, n, eos):
 def test_greedy_matches_transformers_batched(hf_zoo, name):
     path, hf = hf_zoo(name)
     model = load_pretrained(path)
-    eos = default_stop_ids(model.config)
+    eos = tuple(stop_token_ids(model.config))
     gen = generate(model, PROMPTS, SamplingParams(max_new_tokens=NEW, stop_ids=eos))
     for i, prompt in enumerate(PROMPTS):
         # HF keeps the EOS a row stopped on as its last token.

@@ -13,9 +13,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jaxtune import load_pretrained
-from jaxtune.export import lora_config_from_peft
-from jaxtune.lora import (LoraConfig, LoraConfigError, apply_lora, decay_mask, lora_sites, merge_lora,
-                          merged_weight, param_report, resolve_targets, split_trainable, trainable_filter)
+from jaxtune.lora.peft import lora_config_from_peft
+from jaxtune.lora.config import LoraConfig, LoraConfigError
+from jaxtune.lora.apply import apply_lora, lora_sites, merge_lora, merged_weight, resolve_targets
+from jaxtune.train.optim import decay_mask
+from jaxtune.train.partition import param_report, split_trainable, trainable_filter
 from jaxtune.model.sharding import make_mesh
 from jaxtune.train.loss import sequence_nll
 from jaxtune.train.optim import OptimConfig, make_optimizer
@@ -241,7 +243,7 @@ def test_lora_params_follow_base_sharding(llama):
 def test_param_report_matches_peft(hf_zoo, name, targets):
     import peft
 
-    from jaxtune.convert.hf_load import load_config
+    from jaxtune.hf.load import load_config
 
     path, hf = hf_zoo(name)
     pm = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets,
@@ -260,7 +262,7 @@ def test_param_report_matches_peft(hf_zoo, name, targets):
 def test_param_report_at_real_scale():
     """Llama-3.2-1B shapes (abstract, nothing allocated): rank-16 all-linear LoRA trains 0.1–1% of the
     parameters and needs far less training memory than full fine-tuning."""
-    from jaxtune.model import ModelConfig
+    from jaxtune.model.config import ModelConfig
 
     cfg = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, head_dim=64,

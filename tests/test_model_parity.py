@@ -11,7 +11,7 @@ import pytest
 from hf_models import VARIANTS, torch_logits
 
 from jaxtune import load_pretrained
-from jaxtune.convert.hf_load import CheckpointError
+from jaxtune.hf.load import CheckpointError
 from jaxtune.model import attention as attention_mod
 
 ATOL = 1e-4

@@ -11,8 +11,11 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtune.lora import LoraConfig, apply_lora, split_trainable, trainable_filter
-from jaxtune.model import ModelConfig, Transformer
+from jaxtune.lora.config import LoraConfig
+from jaxtune.lora.apply import apply_lora
+from jaxtune.train.partition import split_trainable, trainable_filter
+from jaxtune.model.config import ModelConfig
+from jaxtune.model.transformer import Transformer
 from jaxtune.train.loss import token_loss_sums
 from jaxtune.train.optim import OptimConfig, accumulate_grads, lr_schedule, make_optimizer
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from jaxtune.cli import main
-from jaxtune.config import load_recipe
+from jaxtune.cli.main import main
+from jaxtune.recipe import load_recipe
 from jaxtune.model.config import from_hf_config
 from jaxtune.model.sharding import make_mesh
 from jaxtune.train.plan import format_plan, lower_train_step

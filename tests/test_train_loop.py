@@ -13,7 +13,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune.config import RecipeConfig, from_dict
+from jaxtune.recipe import RecipeConfig, from_dict
 from jaxtune.train import loop
 from jaxtune.train.loop import TrainingStopped, train
 

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtune.lora import LoraConfig, apply_lora, split_trainable, trainable_filter
+from jaxtune.lora.config import LoraConfig
+from jaxtune.lora.apply import apply_lora
+from jaxtune.train.partition import split_trainable, trainable_filter
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.transformer import Transformer
 from jaxtune.train.optim import OptimConfig, make_optimizer

@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 from jaxtune import load_pretrained, load_tokenizer
-from jaxtune.lora import LoraConfig, apply_lora, trainable_filter
+from jaxtune.lora.config import LoraConfig
+from jaxtune.lora.apply import apply_lora
+from jaxtune.train.partition import trainable_filter
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.transformer import Transformer
 from jaxtune.train.optim import OptimConfig, make_optimizer

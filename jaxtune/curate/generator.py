@@ -52,7 +52,7 @@ def model_generate_fn(model, tokenizer, *, temperature: float = 0.7, top_p: floa
 
 def load_generate_fn(model_dir: str, *, chat: bool | None = False, **kwargs) -> GenerateFn:
     """`model_generate_fn` for an HF model directory; `chat=None` uses the chat template when there is one."""
-    from jaxtune import load_pretrained, load_tokenizer
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     if chat is None:

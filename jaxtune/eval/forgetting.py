@@ -133,23 +133,23 @@ class ForgettingMonitor:
         return int(start)
 
     def _draw_samples(self, model) -> list[list[int]]:
-        from jaxtune.generate import SamplingParams, default_stop_ids, generate
+        from jaxtune.generate import SamplingParams, generate, stop_token_ids
 
         cfg = self.cfg
         start = self._start_id()
         params = SamplingParams(max_new_tokens=cfg.sample_tokens, temperature=1.0, seed=cfg.seed,
-                                stop_ids=default_stop_ids(model.config, self.tokenizer))
+                                stop_ids=tuple(stop_token_ids(model.config, self.tokenizer)))
         gen = generate(model, [[start]] * cfg.n_samples, params)
         # A sample keeps the EOS it ended on: predicting the end of a document is part of the base's domain.
         seqs = [[start, *t] + ([stop] if stop is not None else []) for t, stop in zip(gen.tokens, gen.stop_tokens)]
         return [s for s in seqs if len(s) >= 2]
 
     def _probe_outputs(self, model) -> list[dict]:
-        from jaxtune.generate import SamplingParams, default_stop_ids, generate
+        from jaxtune.generate import SamplingParams, generate, stop_token_ids
 
         prompts = [self.tokenizer.encode(p.prompt) for p in self.probes]
         params = SamplingParams(max_new_tokens=self.cfg.probe_tokens,
-                                stop_ids=default_stop_ids(model.config, self.tokenizer))
+                                stop_ids=tuple(stop_token_ids(model.config, self.tokenizer)))
         gen = generate(model, prompts, params)
         return [{"id": p.id, "prompt": p.prompt, "ids": t, "finish": r,
                  "text": self.tokenizer.decode(t, skip_special_tokens=True)}

@@ -10,7 +10,6 @@ loose scoring so that a chatty first line or markdown emphasis is not counted as
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -35,7 +34,6 @@ __all__ = [
     "load_ifeval_inputs",
     "load_responses",
     "match_responses",
-    "register",
     "score_responses",
 ]
 
@@ -71,14 +69,14 @@ def _parse_input(record: dict, where: str) -> dict:
     return {"key": record.get("key"), "prompt": record["prompt"], "instruction_id_list": ids, "kwargs": clean}
 
 
-def _load_inputs_with_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
+def load_inputs_with_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:
     path = Path(path)
     return [(n, _parse_input(rec, f"{path}:{n}")) for n, rec in read_jsonl(path, IFEvalDataError)]
 
 
 def load_ifeval_inputs(path: str | os.PathLike) -> list[dict]:
     """IFEval-format prompts (`key`, `prompt`, `instruction_id_list`, `kwargs`), validated against the checkers."""
-    return [rec for _, rec in _load_inputs_with_lines(path)]
+    return [rec for _, rec in load_inputs_with_lines(path)]
 
 
 def load_responses(path: str | os.PathLike) -> list[tuple[int, dict]]:
@@ -270,7 +268,7 @@ def format_report(result: IFEvalResult) -> str:
     return "\n".join(lines)
 
 
-def _default_input() -> Path | None:
+def default_input() -> Path | None:
     from jaxtune.assets import find_asset
 
     return find_asset(f"data/{DEFAULT_INPUT_NAME}")
@@ -286,39 +284,3 @@ def write_results(result, out_dir: str | os.PathLike, name: str = "ifeval") -> t
     summary_path = out / f"{name}_summary.json"
     summary_path.write_text(json.dumps(result.summary(), indent=2) + "\n", encoding="utf-8")
     return rows_path, summary_path
-
-
-def run(args: argparse.Namespace) -> int:
-    input_path = Path(args.input) if args.input else _default_input()
-    if input_path is None:
-        print(
-            "error: no IFEval input file given and none found under $JAXTUNE_ASSETS/data or "
-            f"../shared/assets/data; pass --input PATH/{DEFAULT_INPUT_NAME}",
-            file=sys.stderr,
-        )
-        return 2
-    inputs = _load_inputs_with_lines(input_path)  # bad files raise: cli.main prints them and exits 2
-    responses = match_responses(inputs, load_responses(args.responses), input_path, args.responses)
-    result = score_responses([inp for _, inp in inputs], responses)
-    out_dir = Path(args.out) if args.out else Path(f"ifeval_{Path(args.responses).stem}")
-    rows_path, summary_path = write_results(result, out_dir)
-    print(format_report(result))
-    print(f"\nper-prompt results: {rows_path}\nsummary: {summary_path}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `ifeval` to the `jaxtune eval` subcommand group."""
-    p = subparsers.add_parser(
-        "ifeval",
-        help="score saved responses with the IFEval instruction checkers",
-        description="Score {prompt, response} JSONL against IFEval prompts: strict/loose, prompt/instruction "
-        "level, format adherence and ignored-constraint rate. Writes per-prompt results and a summary.",
-    )
-    p.add_argument("--responses", required=True, help="JSONL of {prompt, response} records")
-    p.add_argument(
-        "--input",
-        help=f"IFEval input JSONL (default: $JAXTUNE_ASSETS/data/{DEFAULT_INPUT_NAME} or ../shared/assets/data/)",
-    )
-    p.add_argument("--out", help="output directory (default: ./ifeval_<responses file stem>)")
-    p.set_defaults(func=run)

@@ -129,7 +129,7 @@ def build_report(*, base_ifeval, tuned_ifeval, models: dict, settings: dict, bas
 
     `forgetting` is a `ForgettingMonitor.measure` result for the tuned model (or None); `metrics_rows` are the
     run's metrics.jsonl rows (or None when no run dir is given)."""
-    from jaxtune import __version__
+    from jaxtune.version import __version__
 
     history = forgetting_history(metrics_rows) if metrics_rows else []
     return {

@@ -12,14 +12,13 @@ recorded against v1 stay comparable.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxtune.eval.ifeval import IFEvalDataError, load_responses, match_responses, write_results
+from jaxtune.eval.ifeval import IFEvalDataError
 from jaxtune.eval.ifeval_checks import check_instruction, check_instruction_loose, validate_instruction
 from jaxtune.jsonl import read_jsonl
 
@@ -159,30 +158,3 @@ def format_report(result: RigidityResult) -> str:
         frac = result.fractions[c]
         lines.append(f"{c:<14}{result.counts[c]:>4}  {'n/a' if frac is None else f'{100 * frac:6.2f} %'}")
     return "\n".join(lines)
-
-
-def run(args: argparse.Namespace) -> int:
-    probes_path = Path(args.probes) if args.probes else DEFAULT_PROBES
-    probes = load_probes(probes_path)  # bad files raise: cli.main prints them and exits 2
-    as_inputs = [(i + 1, {"key": p.id, "prompt": p.prompt}) for i, p in enumerate(probes)]
-    responses = match_responses(as_inputs, load_responses(args.responses), probes_path, args.responses)
-    result = score_rigidity(probes, responses, loose=args.loose, probe_set=probes_path.stem)
-    out = Path(args.out) if args.out else Path(f"rigidity_{Path(args.responses).stem}")
-    rows_path, summary_path = write_results(result, out, name="rigidity")
-    print(format_report(result))
-    print(f"\nper-probe results: {rows_path}\nsummary: {summary_path}")
-    return 0
-
-
-def register(subparsers) -> None:
-    """Add `rigidity` to the `jaxtune eval` subcommand group."""
-    p = subparsers.add_parser(
-        "rigidity",
-        help="score responses to the over-rigidity probes (conflicting format/content constraints)",
-        description="Categorise each probe response as both / format_only / content_only / neither.",
-    )
-    p.add_argument("--responses", required=True, help="JSONL of {prompt, response} records for the probe prompts")
-    p.add_argument("--probes", help=f"probe JSONL (default: packaged {DEFAULT_PROBES.name})")
-    p.add_argument("--loose", action="store_true", help="use IFEval loose checking instead of strict")
-    p.add_argument("--out", help="output directory (default: ./rigidity_<responses file stem>)")
-    p.set_defaults(func=run)

@@ -11,8 +11,28 @@ from typing import Any
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# The attention backends (`auto` picks one per platform in `model/attention`).
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cpu_flash", "cudnn", "splash")
+# The one dtype-name table: recipe, CLI and config.json names, with the short spellings users type.
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 REMAT_POLICIES = ("none", "full", "dots")
+
+
+def parse_dtype(name, what: str = "dtype"):
+    """A dtype name from `DTYPES` (or a dtype) → the jnp dtype; a bad name is a ValueError naming `what`."""
+    import jax.numpy as jnp
+
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    if name not in DTYPES:
+        raise ValueError(f"{what} {name!r}: expected one of {', '.join(DTYPES)}")
+    return jnp.dtype(DTYPES[name])
+
+
+def dtype_name(dtype) -> str:
+    """The canonical name (`bfloat16`, not `bf16`) of a dtype or a `DTYPES` name."""
+    return DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else parse_dtype(dtype).name
 
 
 class UnsupportedConfigError(ValueError):

@@ -22,14 +22,13 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.cache import enable_compile_cache
-from jaxtune.config import ConfigError, RecipeConfig, dump_recipe, to_dict
+from jaxtune.recipe import ConfigError, RecipeConfig, dump_recipe, to_dict
+from jaxtune.model.config import parse_dtype
 from jaxtune.model.sharding import (MESH_AXES, check_rules, make_mesh, maybe_initialize_distributed, shard_batch,
                                     tree_shardings)
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import Checkpointer, content_hash, provenance
 from jaxtune.train.vocab import merge_model
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @contextlib.contextmanager
@@ -71,13 +70,13 @@ def build_mesh(cfg: RecipeConfig, devices=None) -> jax.sharding.Mesh:
 
 def load_model(cfg: RecipeConfig, mesh):
     """Tokenizer and model (added tokens, LoRA applied), placed on `mesh` by the sharding rules."""
-    from jaxtune import load_pretrained, load_tokenizer
-    from jaxtune.lora import apply_lora
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
+    from jaxtune.lora.apply import apply_lora
     from jaxtune.train.vocab import prepare_vocab
 
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.path)
-    model = load_pretrained(m.path, DTYPES[m.dtype], mesh, param_dtype=DTYPES[cfg.param_dtype],
+    model = load_pretrained(m.path, parse_dtype(m.dtype), mesh, param_dtype=parse_dtype(cfg.param_dtype),
                             allow_pickle=m.allow_pickle, scan_layers=m.scan_layers, remat=m.remat,
                             attention_impl=m.attention_impl)
     token_ids = prepare_vocab(model, tokenizer, m.add_special_tokens)
@@ -88,7 +87,7 @@ def load_model(cfg: RecipeConfig, mesh):
 
 def partition(cfg: RecipeConfig, model, token_ids, mesh, total_steps: int):
     """`(graphdef, trainable, frozen, token_rows, tx, schedule)` with both partitions placed by the rules."""
-    from jaxtune.lora import split_trainable, trainable_filter
+    from jaxtune.train.partition import split_trainable, trainable_filter
     from jaxtune.train.optim import lr_schedule, make_optimizer
     from jaxtune.train.vocab import split_model
 
@@ -186,7 +185,8 @@ def _check_resume(meta: dict, prov: dict, ckpt_dir: Path) -> None:
 def export(cfg: RecipeConfig, model, tokenizer, token_ids, run_dir: Path, log) -> Path:
     """RUN_DIR/export/merged (HF checkpoint) and, for LoRA, export/adapter (PEFT)."""
     from jaxtune.data.chat import resolve_template
-    from jaxtune.export import save_merged, save_peft_adapter
+    from jaxtune.export import save_merged
+    from jaxtune.lora.peft import save_peft_adapter
 
     out = run_dir / "export"
     template = resolve_template(cfg.data.chat_template, tokenizer)
@@ -207,7 +207,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = N
     """Run (or resume) the recipe. `stop_after` ends this invocation once that many steps are done
     (checkpointing there) without changing the schedule, as a preempted job would."""
     from jaxtune.data.prepare import prepare_dataset
-    from jaxtune.lora import count_params
+    from jaxtune.lora.apply import count_params
 
     maybe_initialize_distributed()
     t_cfg = cfg.train

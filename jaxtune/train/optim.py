@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtune.lora import decay_mask
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -143,3 +142,22 @@ def accumulate_grads(loss_sums_fn, params, micro_batches):
     denom = jnp.maximum(n, 1.0)
     grads = jax.tree.map(lambda a, p: (a / denom).astype(p.dtype), g, params)
     return nll / denom, grads, n, metrics
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def decay_mask(params):
+    """Pytree of bools, True where weight decay applies: matrices only, never norms, biases or embeddings
+    (LoRA A/B and untied lm_head decay). Works on any pytree whose key paths carry the NNX names."""
+
+    def decays(path, leaf) -> bool:
+        names = [_key_name(k) for k in path]
+        if any("norm" in n or n in ("bias", "embed_tokens") for n in names):
+            return False
+        return getattr(leaf, "ndim", 0) >= 2
+
+    return jax.tree_util.tree_map_with_path(decays, params)

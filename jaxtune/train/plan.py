@@ -14,12 +14,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from jaxtune.config import RecipeConfig
-from jaxtune.model.config import ModelConfig
+from jaxtune.recipe import RecipeConfig
+from jaxtune.model.config import ModelConfig, parse_dtype
 from jaxtune.model.sharding import MESH_AXES, batch_spec, check_rules, tree_shardings
 from jaxtune.model.transformer import Transformer
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass
@@ -52,11 +50,11 @@ def _with_sharding(tree, shardings):
 
 def abstract_model(cfg: RecipeConfig, model_cfg: ModelConfig):
     """The recipe's model (LoRA applied) with ShapeDtypeStruct leaves: no memory, no weights."""
-    from jaxtune.lora import apply_lora
+    from jaxtune.lora.apply import apply_lora
 
     def build():
-        model = Transformer(runtime_config(cfg, model_cfg), dtype=DTYPES[cfg.model.dtype],
-                            param_dtype=DTYPES[cfg.param_dtype], rngs=nnx.Rngs(0))
+        model = Transformer(runtime_config(cfg, model_cfg), dtype=parse_dtype(cfg.model.dtype),
+                            param_dtype=parse_dtype(cfg.param_dtype), rngs=nnx.Rngs(0))
         if cfg.lora is not None:
             apply_lora(model, cfg.lora, nnx.Rngs(0))
         return model
@@ -68,7 +66,8 @@ def lower_train_step(cfg: RecipeConfig, model_cfg: ModelConfig, mesh: jax.shardi
     """Compile the recipe's train step for `mesh` on abstract inputs; returns the plan and the compiled
     executable (called as `compiled(*plan.abstract_args)` once those are real arrays). Added tokens are
     modelled as rows of the existing vocabulary: shapes and shardings do not depend on which rows train."""
-    from jaxtune.lora import count_params, split_trainable, trainable_filter
+    from jaxtune.lora.apply import count_params
+    from jaxtune.train.partition import split_trainable, trainable_filter
     from jaxtune.train.loop import micro_rows
     from jaxtune.train.optim import make_optimizer
     from jaxtune.train.step import jit_train_step
@@ -127,7 +126,7 @@ def format_plan(plan: Plan) -> str:
 
 def describe_plan(cfg: RecipeConfig) -> str:
     """`--dry-run`: read only the model's config, compile on this host's devices, report."""
-    from jaxtune.convert.hf_load import load_config
+    from jaxtune.hf.load import load_config
     from jaxtune.train.loop import build_mesh
 
     mesh = build_mesh(cfg)

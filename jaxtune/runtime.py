@@ -1,4 +1,5 @@
-"""Process defaults for running XLA on a CPU, applied when `jaxtune` is imported before jax.
+"""Process defaults for running XLA on a CPU: `apply_cpu_defaults()`, called by the `jaxtune` command before
+anything imports jax, and by library users, tests and benchmarks that want the same process.
 
 Two, each with its own opt-out:
 - an XLA:CPU flag appended to `XLA_FLAGS` (`JAXTUNE_XLA_CPU_FLAGS=0`). It only changes XLA's CPU backend, so
@@ -25,7 +26,7 @@ from collections.abc import Mapping, MutableMapping
 # one fusion) that use the second core poorly; with jaxlib 0.10.2, "dot" alone measured 13–23% faster than
 # "dot,reduce" on the real stories260K job, 20–35% on the SmolLM-135M-shaped step, and ahead on the tiny step,
 # in alternating runs (docs/benchmarks.md §7). The parity tests pass with it; the benchmarks use it too
-# (`bench_utils.FAST_CPU_XLA_FLAGS`).
+# (`scripts/bench/utils.py`).
 FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
 _FLAG_NAME = FAST_CPU_XLA_FLAGS.split("=")[0].lstrip("-")
 OPT_OUT_VAR = "JAXTUNE_XLA_CPU_FLAGS"
@@ -123,3 +124,9 @@ def tune_malloc(environ: Mapping[str, str] | None = None, modules: Mapping | Non
         return False
     settings = ((M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
+
+
+def apply_cpu_defaults() -> dict[str, bool]:
+    """Apply both defaults (each keeps its own opt-out and its too-late check: call before importing jax).
+    Returns which were applied, e.g. `{"xla_flags": True, "malloc": True}`."""
+    return {"xla_flags": apply_default_cpu_flags(), "malloc": tune_malloc()}

@@ -7,7 +7,7 @@ import sys
 
 
 def _train(args: argparse.Namespace) -> int:
-    from jaxtune.config import load_recipe
+    from jaxtune.recipe import load_recipe
 
     cfg = load_recipe(args.recipe, args.set)  # a bad recipe raises ValueError/OSError: cli.main reports it
     if args.dry_run:

@@ -1,57 +1,16 @@
-"""`jaxtune generate` (batched, one shot) and `jaxtune chat` (interactive, streamed), plus the model loading
-shared with `jaxtune eval …`: an HF model dir, optionally with a PEFT adapter on top."""
+"""`jaxtune generate` (batched, one shot) and `jaxtune chat` (interactive, streamed) on an HF model dir,
+optionally with a PEFT adapter on top."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
-
-
-def load_for_inference(model_dir: str, adapter: str | None = None, *, tokenizer: str | None = None,
-                       dtype: str = "float32"):
-    """`(model, tokenizer)`. The tokenizer comes from `tokenizer`, else the adapter dir when it carries one
-    (jaxtune's export saves the training chat template there), else the model dir."""
-    import jax.numpy as jnp
-
-    from jaxtune import load_pretrained, load_tokenizer
-
-    if dtype not in DTYPE_NAMES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
-    model = load_pretrained(model_dir, getattr(jnp, dtype))
-    if adapter:
-        from jaxtune.export import load_peft_adapter
-
-        model = load_peft_adapter(model, adapter)
-    if tokenizer is None:
-        tokenizer = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model_dir
-    return model, load_tokenizer(tokenizer)
-
-
-def add_model_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--model", required=required, help="HF model directory (safetensors)")
-    p.add_argument("--adapter", help="PEFT LoRA adapter directory to apply on top of --model")
-    p.add_argument("--tokenizer", help="tokenizer directory (default: the adapter's if it has one, else --model)")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="compute and parameter dtype")
-
-
-def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop-id", type=int, action="append", default=[],
-                   help="extra token id to stop at (repeatable); EOS and the template's end-of-turn are included")
-    p.add_argument("--template", help="chat template: chatml, llama3, alpaca or a .jinja file "
-                                      "(generate: default raw text; chat: default the tokenizer's own)")
+from jaxtune.cli.args import add_model_args, add_sampling_args
 
 
 def _sampling(args, model, tokenizer, template: str | None):
-    from jaxtune.export import stop_token_ids
-    from jaxtune.generate import SamplingParams
+    from jaxtune.generate import SamplingParams, stop_token_ids
 
     stops = stop_token_ids(model.config, tokenizer, template, extra=args.stop_id)
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -59,6 +18,7 @@ def _sampling(args, model, tokenizer, template: str | None):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from jaxtune.generate import load_for_inference
     from jaxtune.data.chat import resolve_template
     from jaxtune.generate import generate, prompt_ids
 
@@ -90,6 +50,7 @@ def stream_text(tokenizer, token_iter):
 
 
 def _chat(args: argparse.Namespace) -> int:
+    from jaxtune.generate import load_for_inference
     from jaxtune.data.chat import require_template, resolve_template
     from jaxtune.generate import prompt_ids, stream
 

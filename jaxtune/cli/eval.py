@@ -1,4 +1,4 @@
-"""`jaxtune eval loss | forgetting | report`. Each takes a recipe YAML (evaluates that run's export against
+"""`jaxtune eval ifeval | rigidity` score saved responses; `jaxtune eval loss | forgetting | report` each take a recipe YAML (evaluates that run's export against
 its base model) or `--model DIR [--adapter DIR]`; explicit flags override what the recipe implies."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from jaxtune.cli_generate import add_model_args, load_for_inference
+from jaxtune.cli.args import add_model_args
 from jaxtune.jsonl import write_jsonl
 
 
@@ -37,7 +37,7 @@ def resolve_target(args: argparse.Namespace) -> Target:
     """Combine the recipe (if any) with --model/--adapter/--base/--run; flags win."""
     recipe = None
     if args.recipe:
-        from jaxtune.config import load_recipe
+        from jaxtune.recipe import load_recipe
 
         recipe = load_recipe(args.recipe, args.set)
     elif not args.model:
@@ -70,6 +70,7 @@ def _write_json(path: str | None, doc: dict) -> None:
 
 # -- eval loss ------------------------------------------------------------------------------------------------
 def _loss(args: argparse.Namespace) -> int:
+    from jaxtune.generate import load_for_inference
     from jaxtune.eval.loss import dataset_loss, examples_loss, read_text_slice, text_loss
 
     t = resolve_target(args)
@@ -119,6 +120,7 @@ def _forgetting_config(t: Target, args):
 
 def forgetting_now(t: Target, tuned, tokenizer, args) -> tuple[dict, dict]:
     """`(base figures, tuned figures)`: the run's recorded baseline when it has one, else measured on --base."""
+    from jaxtune.generate import load_for_inference
     from jaxtune.eval.forgetting import ForgettingMonitor
 
     cfg, saved = _forgetting_config(t, args)
@@ -134,6 +136,8 @@ def forgetting_now(t: Target, tuned, tokenizer, args) -> tuple[dict, dict]:
 
 
 def _forgetting(args: argparse.Namespace) -> int:
+    from jaxtune.generate import load_for_inference
+
     t = resolve_target(args)
     model, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
     base, tuned = forgetting_now(t, model, tok, args)
@@ -147,10 +151,11 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 # -- eval report ----------------------------------------------------------------------------------------------
 def _report(args: argparse.Namespace) -> int:
+    from jaxtune.generate import load_for_inference
     from jaxtune.data.chat import resolve_template
     from jaxtune.eval import ifeval, report, rigidity
     from jaxtune.assets import find_asset
-    from jaxtune.export import stop_token_ids
+    from jaxtune.generate import stop_token_ids
 
     t = resolve_target(args)
     if not t.base:
@@ -203,6 +208,43 @@ def _report(args: argparse.Namespace) -> int:
 
 
 # -- registration ---------------------------------------------------------------------------------------------
+def _ifeval(args: argparse.Namespace) -> int:
+    from jaxtune.eval import ifeval
+
+    input_path = Path(args.input) if args.input else ifeval.default_input()
+    if input_path is None:
+        print(
+            "error: no IFEval input file given and none found under $JAXTUNE_ASSETS/data or "
+            f"../shared/assets/data; pass --input PATH/{ifeval.DEFAULT_INPUT_NAME}",
+            file=sys.stderr,
+        )
+        return 2
+    inputs = ifeval.load_inputs_with_lines(input_path)  # bad files raise: cli.main prints them and exits 2
+    responses = ifeval.match_responses(inputs, ifeval.load_responses(args.responses), input_path, args.responses)
+    result = ifeval.score_responses([inp for _, inp in inputs], responses)
+    out_dir = Path(args.out) if args.out else Path(f"ifeval_{Path(args.responses).stem}")
+    rows_path, summary_path = ifeval.write_results(result, out_dir)
+    print(ifeval.format_report(result))
+    print(f"\nper-prompt results: {rows_path}\nsummary: {summary_path}")
+    return 0
+
+
+def _rigidity(args: argparse.Namespace) -> int:
+    from jaxtune.eval import ifeval, rigidity
+
+    probes_path = Path(args.probes) if args.probes else rigidity.DEFAULT_PROBES
+    probes = rigidity.load_probes(probes_path)  # bad files raise: cli.main prints them and exits 2
+    as_inputs = [(i + 1, {"key": p.id, "prompt": p.prompt}) for i, p in enumerate(probes)]
+    responses = ifeval.match_responses(as_inputs, ifeval.load_responses(args.responses), probes_path,
+                                      args.responses)
+    result = rigidity.score_rigidity(probes, responses, loose=args.loose, probe_set=probes_path.stem)
+    out = Path(args.out) if args.out else Path(f"rigidity_{Path(args.responses).stem}")
+    rows_path, summary_path = ifeval.write_results(result, out, name="rigidity")
+    print(rigidity.format_report(result))
+    print(f"\nper-probe results: {rows_path}\nsummary: {summary_path}")
+    return 0
+
+
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", nargs="?", help="recipe YAML: evaluate its run's export (model, adapter, base, run dir)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
@@ -210,7 +252,32 @@ def _target_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    """Add `loss`, `forgetting` and `report` to the `jaxtune eval` group."""
+    """The `jaxtune eval` group: ifeval, rigidity, loss, forgetting, report."""
+    p = sub.add_parser(
+        "ifeval",
+        help="score saved responses with the IFEval instruction checkers",
+        description="Score {prompt, response} JSONL against IFEval prompts: strict/loose, prompt/instruction "
+        "level, format adherence and ignored-constraint rate. Writes per-prompt results and a summary.",
+    )
+    p.add_argument("--responses", required=True, help="JSONL of {prompt, response} records")
+    p.add_argument(
+        "--input",
+        help="IFEval input JSONL (default: $JAXTUNE_ASSETS/data/ifeval_input_data.jsonl or ../shared/assets/data/)",
+    )
+    p.add_argument("--out", help="output directory (default: ./ifeval_<responses file stem>)")
+    p.set_defaults(func=_ifeval)
+
+    q = sub.add_parser(
+        "rigidity",
+        help="score responses to the over-rigidity probes (conflicting format/content constraints)",
+        description="Categorise each probe response as both / format_only / content_only / neither.",
+    )
+    q.add_argument("--responses", required=True, help="JSONL of {prompt, response} records for the probe prompts")
+    q.add_argument("--probes", help="probe JSONL (default: packaged over_rigidity_v1.jsonl)")
+    q.add_argument("--loose", action="store_true", help="use IFEval loose checking instead of strict")
+    q.add_argument("--out", help="output directory (default: ./rigidity_<responses file stem>)")
+    q.set_defaults(func=_rigidity)
+
     p = sub.add_parser("loss", help="loss and perplexity on an instruction dataset or a text file")
     _target_args(p)
     p.add_argument("--data", help="instruction/chat data file, scored on response tokens as in training")

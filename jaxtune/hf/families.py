@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import re
 
+# Linear modules of one decoder layer, as PEFT names them; "all-linear" means these (never lm_head).
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 _LLAMA = (
     ("model.embed_tokens.weight", "embed_tokens/weight"),
     ("model.norm.weight", "norm/weight"),

@@ -13,19 +13,15 @@ from pathlib import Path
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxtune.convert.mapping import nnx_to_hf
-from jaxtune.model.config import ModelConfig, from_hf_config
+from jaxtune.hf.families import nnx_to_hf
+from jaxtune.model.config import ModelConfig, dtype_name, from_hf_config
 
 _ST_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
              np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
-# config.json dtype names (and the short spellings recipes and the CLI use).
-DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16,
-               "fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -61,7 +57,7 @@ def parse_size(size: int | str) -> int:
 def hf_tensors(model, dtype=None) -> list[Tensor]:
     """Every weight of `model` under its HF name, LoRA merged (fp32 math, one cast to `dtype` or the
     parameter's own dtype). A tied head has no `lm_head.weight`, as in HF checkpoints."""
-    from jaxtune.lora import merged_weight
+    from jaxtune.lora.apply import merged_weight
 
     cfg: ModelConfig = model.config
     adapters = {}
@@ -131,10 +127,6 @@ def save_weights(tensors: list[Tensor], out_dir: Path, max_shard_size: int | str
     return [*names, "model.safetensors.index.json"]
 
 
-def dtype_name(dtype) -> str:
-    return np.dtype(dtype).name
-
-
 def _rope_parameters(cfg: ModelConfig) -> dict:
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_type in ("linear", "llama3"):
@@ -188,7 +180,7 @@ _RUNTIME = ("scan_layers", "remat", "attention_impl")
 def hf_config_from_source(cfg: ModelConfig, source_dir: Path, dtype) -> dict:
     """The source `config.json` with every original field kept; only vocab size, special-token ids (when the
     model's differ) and dtype are rewritten. Any other difference means the model is not that checkpoint."""
-    from jaxtune.convert.hf_load import load_hf_config
+    from jaxtune.hf.load import load_hf_config
 
     path = Path(source_dir) / "config.json"
     if not path.is_file():
@@ -207,3 +199,14 @@ def hf_config_from_source(cfg: ModelConfig, source_dir: Path, dtype) -> dict:
     for k in keys:
         raw[k] = dtype_name(dtype)
     return raw
+
+
+def save_tokenizer(tokenizer, out: Path, chat_template: str | None) -> None:
+    """The tokenizer's files in `out`, with `chat_template` (the one training used) in place of its own."""
+    before = tokenizer.chat_template
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(str(out))
+    finally:
+        tokenizer.chat_template = before

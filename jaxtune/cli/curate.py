@@ -51,7 +51,7 @@ def _sampling(args) -> dict:
 def run_filter(args) -> int:
     tokenizer = None
     if args.tokenizer:
-        from jaxtune import load_tokenizer
+        from jaxtune.hf.load import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer)
     dedup = () if args.dedup == ["none"] else tuple(args.dedup)

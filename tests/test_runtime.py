@@ -1,5 +1,5 @@
-"""The CPU process defaults `import jaxtune` applies (jaxtune/cpu_runtime.py): an XLA:CPU flag appended to
-XLA_FLAGS, and glibc malloc settings."""
+"""The CPU process defaults (jaxtune/runtime.py) that `apply_cpu_defaults()` applies and `import jaxtune` does
+not: an XLA:CPU flag appended to XLA_FLAGS, and glibc malloc settings."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxtune import cpu_runtime
-from jaxtune.cpu_runtime import FAST_CPU_XLA_FLAGS, _known_good, _jaxlib_version, apply_default_cpu_flags, tune_malloc
+from jaxtune import runtime as cpu_runtime
+from jaxtune.runtime import FAST_CPU_XLA_FLAGS, _known_good, _jaxlib_version, apply_default_cpu_flags, tune_malloc
 
 GOOD = "0.10.2"
 
@@ -68,12 +68,12 @@ def test_not_appended_when_jax_imported(name):
     assert "XLA_FLAGS" not in env
 
 
-def test_import_jaxtune_sets_flag_and_xla_accepts_it():
-    """With the installed jaxlib: `import jaxtune` appends the flag (when the version is known good) and XLA
-    starts with it (an unknown flag would abort the process)."""
+def test_apply_cpu_defaults_sets_flag_and_xla_accepts_it():
+    """With the installed jaxlib: `jaxtune.apply_cpu_defaults()` appends the flag (when the version is known
+    good) and XLA starts with it (an unknown flag would abort the process)."""
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXTUNE_XLA_CPU_FLAGS")}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-    code = ("import jaxtune, os; print(os.environ['XLA_FLAGS']); import jax, jax.numpy as jnp; "
+    code = ("import jaxtune, os; jaxtune.apply_cpu_defaults(); print(os.environ['XLA_FLAGS']); import jax, jax.numpy as jnp; "
             "print(float(jnp.ones(3).sum()), jax.device_count())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
                          cwd=Path(__file__).resolve().parents[1])
@@ -125,12 +125,12 @@ def test_malloc_reports_a_refused_setting():
     assert not tune_malloc({"JAX_PLATFORMS": "cpu"}, {}, FakeLibc(result=0))
 
 
-def test_import_jaxtune_tunes_malloc_and_xla_runs():
-    """In a fresh CPU process, `import jaxtune` sets the malloc options (glibc's mallopt accepts them) and a
+def test_tuned_malloc_and_xla_runs():
+    """In a fresh CPU process, `tune_malloc` sets the malloc options (glibc's mallopt accepts them) and a
     jitted step that needs a large scratch block runs, twice, with the same result."""
     env = {k: v for k, v in os.environ.items() if k != "JAXTUNE_CPU_MALLOC"}
     env.update(JAX_PLATFORMS="cpu")
-    code = ("import jaxtune.cpu_runtime as c; "
+    code = ("import jaxtune.runtime as c; "
             "print(c.tune_malloc({'JAX_PLATFORMS': 'cpu'}, {}) if c._glibc() else 'no-glibc'); "
             "import jax, jax.numpy as jnp; f = jax.jit(lambda x: (jnp.tanh(x @ x.T) @ x).sum()); "
             "x = jnp.ones((2048, 2048)) / 2048; print(float(f(x)) == float(f(x)))")
@@ -138,3 +138,31 @@ def test_import_jaxtune_tunes_malloc_and_xla_runs():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split() in (["True", "True"], ["no-glibc", "True"])
+
+
+def test_import_jaxtune_changes_nothing():
+    """`import jaxtune` (and its public names' lookup table) leaves the environment, malloc and sys.modules
+    alone: no XLA_FLAGS change, no jax, no numpy."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXTUNE_XLA_CPU_FLAGS", "JAXTUNE_CPU_MALLOC")}
+    env.update(JAX_PLATFORMS="cpu")
+    code = ("import os, sys; before = dict(os.environ); import jaxtune; "
+            "print(dict(os.environ) == before, [m for m in ('jax', 'jaxlib', 'numpy', 'flax') if m in sys.modules], "
+            "jaxtune.__version__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split(" ", 2)[:2] == ["True", "[]"], out.stdout
+
+
+def test_cli_applies_defaults_before_jax():
+    """The `jaxtune` entry point builds its whole parser without importing jax (command modules import it
+    lazily), then applies the defaults before running a command."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAXTUNE_XLA_CPU_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu")
+    code = ("import os, sys, jaxtune.cli.main as m; m.build_parser(); print('jax' in sys.modules); "
+            "m.prepare_process(); print(repr(os.environ.get('XLA_FLAGS', '')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    expected = FAST_CPU_XLA_FLAGS if _known_good(_jaxlib_version()) else ""
+    assert out.stdout.splitlines() == ["False", repr(expected)], out.stdout

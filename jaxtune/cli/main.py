@@ -1,4 +1,7 @@
-"""`jaxtune` command line: wiring only. Each area registers its subcommands; heavy imports stay lazy.
+"""jaxtune: supervised instruction tuning of Hugging Face causal LMs (curate, train, evaluate, export).
+
+Wiring only: each command module registers its subcommands and imports the library (and jax) lazily,
+inside the command, so the CPU process defaults are applied before jax loads.
 
 Exit codes: 0 done, 2 bad input (a usage error, or a ValueError/OSError such as a missing file or a bad
 recipe field, printed as one `error:` line that names the file and record), 1 `curate` left no records to
@@ -10,37 +13,33 @@ import argparse
 import importlib
 import sys
 
-# (module, register function) per top-level command group; each adds its own subparser(s).
-_TOP_LEVEL = (
-    ("jaxtune.cli_model", "register"),
-    ("jaxtune.data.cli", "register"),
-    ("jaxtune.cli_lora", "register"),
-    ("jaxtune.curate.cli", "register"),
-    ("jaxtune.cli_train", "register"),
-    ("jaxtune.cli_generate", "register"),
-)
-# Subcommands of `jaxtune eval …` (loss, ifeval, forgetting, report).
-_EVAL = (
-    ("jaxtune.eval.ifeval", "register"),
-    ("jaxtune.eval.rigidity", "register"),
-    ("jaxtune.eval.commands", "register"),
-)
+# Top-level command modules, each with `register(subparsers)`.
+COMMANDS = ("model", "data", "export", "curate", "train", "generate")
+# Modules registering the subcommands of `jaxtune eval …`.
+EVAL_COMMANDS = ("eval",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxtune", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module, fn in _TOP_LEVEL:
-        getattr(importlib.import_module(module), fn)(sub)
-    if _EVAL:
-        ev = sub.add_parser("eval", help="evaluate a model: loss, ifeval, forgetting, report")
-        ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
-        for module, fn in _EVAL:
-            getattr(importlib.import_module(module), fn)(ev_sub)
+    for name in COMMANDS:
+        importlib.import_module(f"jaxtune.cli.{name}").register(sub)
+    ev = sub.add_parser("eval", help="evaluate a model: loss, ifeval, rigidity, forgetting, report")
+    ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
+    for name in EVAL_COMMANDS:
+        importlib.import_module(f"jaxtune.cli.{name}").register(ev_sub)
     return parser
 
 
+def prepare_process() -> None:
+    """The CPU process defaults (`jaxtune.runtime`), before any command imports jax."""
+    from jaxtune.runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()
+
+
 def main(argv: list[str] | None = None) -> int:
+    prepare_process()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtune.cpu_runtime import FAST_CPU_XLA_FLAGS, MALLOC_OPT_OUT_VAR, OPT_OUT_VAR  # standard library only
+from jaxtune.runtime import FAST_CPU_XLA_FLAGS, MALLOC_OPT_OUT_VAR, OPT_OUT_VAR  # standard library only
 
 # Llama-architecture shapes (transformers `LlamaConfig` keyword arguments); weights are random.
 PRESETS: dict[str, dict] = {

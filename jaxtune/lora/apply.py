@@ -10,97 +10,20 @@ export know which modules carry real adapters.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.convert.mapping import nnx_to_hf
+from jaxtune.hf.families import LINEAR_NAMES, nnx_to_hf
+from jaxtune.lora.config import LoraConfig, LoraConfigError
 from jaxtune.model.layers import Linear, merged_weight
 from jaxtune.model.sharding import variable_sharding
 
 Array = jax.Array
-
-# Linear modules of one decoder layer, as PEFT names them; "all-linear" means these (never lm_head).
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class LoraConfigError(ValueError):
-    """A LoRA configuration (recipe section or PEFT adapter_config.json) that cannot be applied as written."""
-
-
-def _as_names(value, field: str) -> str | tuple[str, ...]:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
-        return tuple(value)
-    raise LoraConfigError(f"lora.{field}: expected a module name, a list of names or a regex string, got {value!r}")
-
-
-def _as_pattern(value, field: str, kind) -> tuple[tuple[str, Any], ...]:
-    items = value.items() if isinstance(value, Mapping) else value
-    try:
-        out = tuple((str(k), kind(v)) for k, v in items)
-    except (TypeError, ValueError) as e:
-        raise LoraConfigError(f"lora.{field}: expected a mapping of module pattern → {kind.__name__}: {e}") from e
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-    """Section `lora:` of a recipe; the optional fields mirror PEFT's so adapters round-trip.
-
-    `target_modules`: names (`q_proj`, a full path such as `model.layers.0.mlp.up_proj`), `"all-linear"`, or a
-    regex string matched against the full module name. `rank_pattern`/`alpha_pattern` map a module pattern
-    to its own rank/alpha (first match wins, as in PEFT); `layers_to_transform` limits list targets to those
-    layer indices."""
-
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: str | tuple[str, ...] = "all-linear"
-    rslora: bool = False
-    exclude_modules: str | tuple[str, ...] | None = None
-    layers_to_transform: tuple[int, ...] | None = None
-    layers_pattern: tuple[str, ...] | None = None
-    rank_pattern: tuple[tuple[str, int], ...] = ()
-    alpha_pattern: tuple[tuple[str, float], ...] = ()
-
-    def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise LoraConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise LoraConfigError(f"lora.alpha must be a positive number, got {self.alpha!r}")
-        set_("alpha", float(self.alpha))
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise LoraConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
-        set_("dropout", float(self.dropout))
-        set_("target_modules", _as_names(self.target_modules, "target_modules"))
-        if self.exclude_modules is not None:
-            set_("exclude_modules", _as_names(self.exclude_modules, "exclude_modules"))
-        if self.layers_to_transform is not None:
-            layers = (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else tuple(
-                self.layers_to_transform)
-            if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
-                raise LoraConfigError(f"lora.layers_to_transform must list layer indices, got {layers!r}")
-            set_("layers_to_transform", layers)
-        if self.layers_pattern is not None:
-            pats = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else tuple(self.layers_pattern)
-            set_("layers_pattern", pats or None)
-        set_("rank_pattern", _as_pattern(self.rank_pattern, "rank_pattern", int))
-        set_("alpha_pattern", _as_pattern(self.alpha_pattern, "alpha_pattern", float))
-        if any(r < 1 for _, r in self.rank_pattern):
-            raise LoraConfigError(f"lora.rank_pattern ranks must be positive, got {dict(self.rank_pattern)}")
-
-    def scale(self, rank: int, alpha: float) -> float:
-        """PEFT's scaling: alpha/rank, or alpha/√rank with rsLoRA."""
-        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
 
 # ---------------------------------------------------------------------------------------------- targets
@@ -318,129 +241,6 @@ def merge_lora(model):
     return new
 
 
-# ---------------------------------------------------------------------------------------------- partition
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainableFilter:
-    """An NNX filter selecting what the optimizer updates: LoRA leaves, or every Param minus `freeze`.
-
-    A `freeze` entry names a dotted sub-path of the NNX tree (`embed_tokens`, `lm_head`, `layers.0`,
-    `self_attn.q_proj`, `norm`), matched on whole components."""
-
-    mode: str = "lora"
-    freeze: tuple[str, ...] = ()
-
-    def __post_init__(self):
-        if self.mode not in ("lora", "full"):
-            raise ValueError(f"train.mode={self.mode!r}: expected 'lora' or 'full'")
-        object.__setattr__(self, "freeze", tuple(self.freeze))
-        if self.freeze and self.mode == "lora":
-            raise ValueError("train.freeze applies to mode 'full' only (in LoRA mode the base is frozen already)")
-
-    def frozen_by(self, path: tuple) -> str | None:
-        dotted = ".".join(str(p) for p in path)
-        for entry in self.freeze:
-            if re.search(rf"(^|\.){re.escape(entry)}(\.|$)", dotted):
-                return entry
-        return None
-
-    def __call__(self, path, value) -> bool:
-        if not isinstance(value, nnx.Param):
-            return False
-        if self.mode == "lora":
-            return isinstance(value, nnx.LoRAParam)
-        return self.frozen_by(path) is None
-
-
-def trainable_filter(mode: str = "lora", freeze: Sequence[str] = ()) -> TrainableFilter:
-    return TrainableFilter(mode, tuple(freeze))
-
-
-def split_trainable(model, filt: TrainableFilter):
-    """`(graphdef, trainable, frozen)`: the optimizer gets `trainable` only; `nnx.merge(graphdef, trainable,
-    frozen)` rebuilds the model. Refuses an empty trainable set and freeze entries that match nothing."""
-    graphdef, trainable, frozen = nnx.split(model, filt, ...)
-    if filt.mode == "full":
-        paths = [p for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
-        unused = [e for e in filt.freeze if not any(filt.frozen_by(p) == e for p in paths)]
-        if unused:
-            raise ValueError(f"train.freeze entry {unused[0]!r} matches no parameter; use a dotted sub-path of the "
-                             "model tree such as 'embed_tokens', 'lm_head', 'layers.0' or 'self_attn.q_proj'")
-    if not jax.tree.leaves(trainable):
-        hint = "call apply_lora() (set a lora: section)" if filt.mode == "lora" else "shorten train.freeze"
-        raise ValueError(f"no trainable parameters in mode {filt.mode!r}: {hint}")
-    return graphdef, trainable, frozen
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def decay_mask(params):
-    """Pytree of bools, True where weight decay applies: matrices only, never norms, biases or embeddings
-    (LoRA A/B and untied lm_head decay). Works on any pytree whose key paths carry the NNX names."""
-
-    def decays(path, leaf) -> bool:
-        names = [_key_name(k) for k in path]
-        if any("norm" in n or n in ("bias", "embed_tokens") for n in names):
-            return False
-        return getattr(leaf, "ndim", 0) >= 2
-
-    return jax.tree_util.tree_map_with_path(decays, params)
-
 
 def count_params(state) -> int:
     return int(sum(x.size for x in jax.tree.leaves(state)))
-
-
-# ---------------------------------------------------------------------------------------------- report
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamReport:
-    """Parameter counts and training memory (bytes; activations excluded) for LoRA vs full fine-tuning."""
-
-    base_params: int
-    lora_params: int
-    lora_modules: int
-    lora_memory: dict[str, int]
-    full_memory: dict[str, int]
-
-    @property
-    def lora_fraction(self) -> float:
-        """Trainable share as PEFT's `print_trainable_parameters` computes it (adapters counted in the total)."""
-        return self.lora_params / (self.base_params + self.lora_params)
-
-
-def _nbytes(tree) -> int:
-    return int(sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
-
-
-def _memory(trainable, frozen, opt) -> dict[str, int]:
-    weights = _nbytes(trainable) + _nbytes(frozen)
-    grads = _nbytes(trainable)
-    state = _nbytes(jax.eval_shape(opt.init, trainable))
-    return {"weights": weights, "grads": grads, "optimizer": state, "total": weights + grads + state}
-
-
-def param_report(model_config, cfg: LoraConfig, dtype=jnp.bfloat16, optim=None) -> ParamReport:
-    """Counts and memory from abstract shapes only (no weights are read or allocated): base weights in
-    `dtype`, LoRA in fp32, gradients in each trainable leaf's dtype, optimizer state exactly as
-    `train.optim.make_optimizer(optim)` would allocate it (default AdamW)."""
-    from jaxtune.model.transformer import Transformer
-    from jaxtune.train.optim import OptimConfig, make_optimizer
-
-    model_config = model_config.replace(scan_layers=False)
-    opt = make_optimizer(optim or OptimConfig(), total_steps=1)
-    base = nnx.eval_shape(lambda: Transformer(model_config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    adapted = nnx.eval_shape(lambda: apply_lora(
-        Transformer(model_config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), cfg, nnx.Rngs(0)))
-    _, lora_t, lora_f = split_trainable(adapted, trainable_filter("lora"))
-    _, full_t, full_f = split_trainable(base, trainable_filter("full"))
-    return ParamReport(base_params=count_params(nnx.state(base, nnx.Param)), lora_params=count_params(lora_t),
-                       lora_modules=len(resolve_targets(cfg, base)), lora_memory=_memory(lora_t, lora_f, opt),
-                       full_memory=_memory(full_t, full_f, opt))

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxtune.convert.mapping import IGNORED_HF, hf_to_nnx
+from jaxtune.hf.families import IGNORED_HF, hf_to_nnx
 from jaxtune.model.config import ModelConfig, from_hf_config
 from jaxtune.model.sharding import variable_sharding
 from jaxtune.model.transformer import Transformer

@@ -21,12 +21,11 @@ import yaml
 
 from jaxtune.data.config import DataConfig
 from jaxtune.eval.forgetting import ForgettingConfig
-from jaxtune.lora import LoraConfig
-from jaxtune.model.config import ATTENTION_IMPLS, REMAT_POLICIES
+from jaxtune.lora.config import LoraConfig
+from jaxtune.model.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 from jaxtune.model.sharding import MESH_AXES
 from jaxtune.train.optim import OptimConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
 NAN_POLICIES = ("skip", "stop")
 
 
@@ -57,9 +56,9 @@ class ModelSection:
     allow_pickle: bool = False
 
     def __post_init__(self):
-        _need(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        _need(self.dtype in DTYPES, "model.dtype", f"{self.dtype!r} is not one of {tuple(DTYPES)}")
         _need(self.param_dtype is None or self.param_dtype in DTYPES, "model.param_dtype",
-              f"{self.param_dtype!r} is not one of {DTYPES}")
+              f"{self.param_dtype!r} is not one of {tuple(DTYPES)}")
         _need(self.remat in REMAT_POLICIES, "model.remat", f"{self.remat!r} is not one of {REMAT_POLICIES}")
         _need(self.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
               f"{self.attention_impl!r} is not one of {ATTENTION_IMPLS}")

@@ -1,0 +1,105 @@
+"""`jaxtune info MODEL_DIR` (what a checkpoint is, read through the same path the loader uses) and `jaxtune
+params MODEL_DIR` (LoRA vs full fine-tune size and memory, from config.json alone)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jaxtune.cli.args import DTYPE_CHOICES
+
+
+def info_lines(model_dir: str) -> list[str]:
+    from jaxtune.hf.load import load_hf_config, weight_files
+    from jaxtune.model.config import from_hf_config
+
+    from pathlib import Path
+
+    hf = load_hf_config(model_dir)
+    cfg = from_hf_config(hf)
+    files = weight_files(Path(model_dir))
+    rope = f"theta={cfg.rope_theta:g}, type={cfg.rope_type}"
+    if cfg.rope_type != "default":
+        rope += f", factor={cfg.rope_factor:g}"
+    window = "none" if not any(cfg.sliding_layers) else (
+        f"{cfg.sliding_window} on {sum(cfg.sliding_layers)}/{cfg.num_hidden_layers} layers")
+    dtype = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+    return [
+        f"model dir      {model_dir}",
+        f"family         {cfg.model_type} ({', '.join(getattr(hf, 'architectures', None) or ['?'])})",
+        f"parameters     {cfg.num_params():,}",
+        f"dtype          {dtype}",
+        f"vocab          {cfg.vocab_size}",
+        f"layers         {cfg.num_hidden_layers}",
+        f"hidden / mlp   {cfg.hidden_size} / {cfg.intermediate_size}",
+        f"heads / kv     {cfg.num_attention_heads} / {cfg.num_key_value_heads} (head_dim {cfg.head_dim})",
+        f"rope           {rope}",
+        f"max positions  {cfg.max_position_embeddings}",
+        f"tied embedding {cfg.tie_word_embeddings}",
+        f"bias q/k/v, o  {cfg.qkv_bias}, {cfg.o_bias}   qk-norm {cfg.qk_norm}",
+        f"sliding window {window}",
+        f"weights        {', '.join(f.name for f in files)}",
+    ]
+
+
+def _info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines(args.model_dir)))
+    return 0
+
+
+def _targets(spec: str):
+    """`all-linear`, a comma list of module names, or (anything with regex characters) a regex string."""
+    if spec == "all-linear" or any(c in spec for c in "*()[]|^$\\+?"):
+        return spec
+    return tuple(s.strip() for s in spec.split(",") if s.strip())
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:9.3f} GiB" if n >= 2**24 else f"{n / 2**20:9.3f} MiB"
+
+
+def params_lines(model_dir: str, rank: int, alpha: float | None, targets: str, dtype: str,
+                 optimizer: str = "adamw") -> list[str]:
+    from jaxtune.hf.load import load_config
+    from jaxtune.model.config import dtype_name, parse_dtype
+    from jaxtune.lora.config import LoraConfig
+    from jaxtune.train.partition import param_report
+    from jaxtune.train.optim import OptimConfig
+
+    cfg = load_config(model_dir)
+    lcfg = LoraConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, target_modules=_targets(targets))
+    rep = param_report(cfg, lcfg, parse_dtype(dtype, "--dtype"), OptimConfig(name=optimizer))
+    total = rep.base_params + rep.lora_params
+    lines = [
+        f"model        {model_dir} ({cfg.model_type}, {rep.base_params:,} parameters)",
+        f"LoRA         rank {lcfg.rank}, alpha {lcfg.alpha:g}, targets {targets} ({rep.lora_modules} modules)",
+        f"trainable    {rep.lora_params:,} / {total:,} = {100 * rep.lora_fraction:.4f}% (LoRA)",
+        f"             {rep.base_params:,} / {rep.base_params:,} = 100% (full fine-tune)",
+        f"memory       base weights {dtype_name(dtype)}, LoRA fp32, optimizer {optimizer}; activations excluded",
+        f"{'':13}{'weights':>13}{'grads':>13}{'optimizer':>13}{'total':>13}",
+    ]
+    for label, mem in (("LoRA", rep.lora_memory), ("full", rep.full_memory)):
+        lines.append(f"  {label:<11}" + "".join(f"{_gib(mem[k]):>13}" for k in ("weights", "grads", "optimizer",
+                                                                                   "total")))
+    return lines
+
+
+def _params(args: argparse.Namespace) -> int:
+    print("\n".join(params_lines(args.model_dir, args.lora_rank, args.lora_alpha, args.targets, args.dtype,
+                                 args.optimizer)))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="describe an HF model directory (family, params, heads, rope…)")
+    p.add_argument("model_dir")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("params", help="trainable parameters and training memory: LoRA vs full fine-tune")
+    p.add_argument("model_dir", help="HF model directory (only config.json is read)")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 × rank")
+    p.add_argument("--targets", default="all-linear",
+                   help="all-linear, a comma list such as q_proj,v_proj, or a regex over module names")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="base weight dtype")
+    p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default="adamw")
+    p.set_defaults(func=_params)

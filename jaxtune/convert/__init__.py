@@ -1,1 +1,0 @@
-"""HF ↔ jaxtune: the name tables, checkpoint loading and saving."""

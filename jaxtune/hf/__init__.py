@@ -1,0 +1,1 @@
+"""Hugging Face checkpoints: the family table (config translation, tensor names), loading, saving."""

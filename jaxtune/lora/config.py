@@ -1,0 +1,83 @@
+"""`LoraConfig`: which modules get adapters, with what rank, alpha and dropout (PEFT's meaning)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+class LoraConfigError(ValueError):
+    """A LoRA configuration (recipe section or PEFT adapter_config.json) that cannot be applied as written."""
+
+
+def _as_names(value, field: str) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise LoraConfigError(f"lora.{field}: expected a module name, a list of names or a regex string, got {value!r}")
+
+
+def _as_pattern(value, field: str, kind) -> tuple[tuple[str, Any], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        out = tuple((str(k), kind(v)) for k, v in items)
+    except (TypeError, ValueError) as e:
+        raise LoraConfigError(f"lora.{field}: expected a mapping of module pattern → {kind.__name__}: {e}") from e
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Section `lora:` of a recipe; the optional fields mirror PEFT's so adapters round-trip.
+
+    `target_modules`: names (`q_proj`, a full path such as `model.layers.0.mlp.up_proj`), `"all-linear"`, or a
+    regex string matched against the full module name. `rank_pattern`/`alpha_pattern` map a module pattern
+    to its own rank/alpha (first match wins, as in PEFT); `layers_to_transform` limits list targets to those
+    layer indices."""
+
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: str | tuple[str, ...] = "all-linear"
+    rslora: bool = False
+    exclude_modules: str | tuple[str, ...] | None = None
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] | None = None
+    rank_pattern: tuple[tuple[str, int], ...] = ()
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraConfigError(f"lora.rank must be a positive integer, got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise LoraConfigError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        set_("alpha", float(self.alpha))
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise LoraConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        set_("dropout", float(self.dropout))
+        set_("target_modules", _as_names(self.target_modules, "target_modules"))
+        if self.exclude_modules is not None:
+            set_("exclude_modules", _as_names(self.exclude_modules, "exclude_modules"))
+        if self.layers_to_transform is not None:
+            layers = (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else tuple(
+                self.layers_to_transform)
+            if not layers or not all(isinstance(i, int) and i >= 0 for i in layers):
+                raise LoraConfigError(f"lora.layers_to_transform must list layer indices, got {layers!r}")
+            set_("layers_to_transform", layers)
+        if self.layers_pattern is not None:
+            pats = (self.layers_pattern,) if isinstance(self.layers_pattern, str) else tuple(self.layers_pattern)
+            set_("layers_pattern", pats or None)
+        set_("rank_pattern", _as_pattern(self.rank_pattern, "rank_pattern", int))
+        set_("alpha_pattern", _as_pattern(self.alpha_pattern, "alpha_pattern", float))
+        if any(r < 1 for _, r in self.rank_pattern):
+            raise LoraConfigError(f"lora.rank_pattern ranks must be positive, got {dict(self.rank_pattern)}")
+
+    def scale(self, rank: int, alpha: float) -> float:
+        """PEFT's scaling: alpha/rank, or alpha/√rank with rsLoRA."""
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
