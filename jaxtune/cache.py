@@ -17,8 +17,7 @@ def cache_dir() -> Path:
 def enable_compile_cache() -> Path:
     """Point JAX's persistent compilation cache at `cache_dir()/xla` unless the user already chose one
     (`JAX_COMPILATION_CACHE_DIR` or `jax.config`). A re-run of a recipe then loads its train and eval steps
-    instead of compiling them: on the stories260K job the first step drops from ~4–5 s to ~1.5 s (trace and
-    lowering remain). JAX keys entries by the program, its shardings, jax/jaxlib and XLA flags, and caches
+    instead of compiling them (tracing and lowering remain). JAX keys entries by the program, its shardings, jax/jaxlib and XLA flags, and caches
     only compiles that took ≥ `jax_persistent_cache_min_compile_time_secs` (1 s by default)."""
     import jax
 

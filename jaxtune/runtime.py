@@ -23,17 +23,15 @@ from collections.abc import Mapping, MutableMapping
 
 # Matmuls through YNNPACK (XLA's default list of YNN fusion types is empty). Only dots: with "reduce" too,
 # YNN grows multi-dot subgraphs (e.g. a layer's gate and up input gradients, their LoRA terms and the adds, as
-# one fusion) that use the second core poorly; with jaxlib 0.10.2, "dot" alone measured 13–23% faster than
-# "dot,reduce" on the real stories260K job, 20–35% on the SmolLM-135M-shaped step, and ahead on the tiny step,
-# in alternating runs (docs/benchmarks.md §7). The parity tests pass with it; the benchmarks use it too
+# one fusion) that use a second core poorly; single-matmul fusions ran faster on each training benchmark
+# measured (the figures: docs/benchmarks.md). The parity tests pass with it; the benchmarks use it too
 # (`scripts/bench/utils.py`).
 FAST_CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=dot"
 _FLAG_NAME = FAST_CPU_XLA_FLAGS.split("=")[0].lstrip("-")
 OPT_OUT_VAR = "JAXTUNE_XLA_CPU_FLAGS"
 
 # jaxlib (major, minor) versions known to have the flag, [low, high). An unknown flag in XLA_FLAGS makes XLA
-# abort the process, so this stays narrow: measured with 0.10.2; widen it only after checking that a new
-# version knows the flag.
+# abort the process, so this stays narrow: widen it only after checking that a new version knows the flag.
 KNOWN_GOOD_JAXLIB = ((0, 10), (0, 11))
 
 
@@ -107,14 +105,14 @@ def tune_malloc(environ: Mapping[str, str] | None = None, modules: Mapping | Non
     """Keep XLA:CPU's scratch memory mapped between executions: one malloc arena, no mmap'd chunks, and a
     2 GiB trim threshold (mallopt(3)).
 
-    Why: XLA:CPU mallocs each execution's temporaries as one block (141 MB for the stories260K train step) on
-    one of its worker threads. glibc serves that from a fresh mmap and unmaps it on free, so every step
-    faults in all of its pages again: 34k page faults and ~70 ms of kernel time per ~200 ms step, measured.
-    With one arena and no mmap the block comes from the heap and is reused (~10 faults per step). The costs:
-    memory freed below the top of the heap is not given back to the OS, and threads share one arena, which
-    made XLA's (multi-threaded) compilation ~1 s slower for that step. So this applies only
-    where jax will run on the CPU (`JAX_PLATFORMS`, else no accelerator plugin installed), on glibc, before
-    jax is imported (its threads would already have arenas), unless `JAXTUNE_CPU_MALLOC=0`. True when set."""
+    Why: XLA:CPU mallocs each execution's temporaries as one block on one of its worker threads. glibc
+    serves a block that large from a fresh mmap and unmaps it on free, so every step faults in all of its
+    pages again, in kernel time that a small model's step spends a large share on. With one arena and no
+    mmap the block comes from the heap and is reused. The costs: memory freed below the top of the heap is
+    not given back to the OS, and threads share one arena, which makes XLA's (multi-threaded) compilation
+    slower (docs/benchmarks.md has the figures). So this applies only where jax will run on the CPU
+    (`JAX_PLATFORMS`, else no accelerator plugin installed), on glibc, before jax is imported (its threads
+    would already have arenas), unless `JAXTUNE_CPU_MALLOC=0`. True when set."""
     environ = os.environ if environ is None else environ
     modules = sys.modules if modules is None else modules
     if _opted_out_or_late(environ, modules, MALLOC_OPT_OUT_VAR) or not _cpu_only(environ):

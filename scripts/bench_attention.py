@@ -1,5 +1,5 @@
 """Attention backends head to head: forward and forward+backward time of one attention call, the numbers
-behind `attention_kernels.default_impl`.
+behind `jaxtune.model.attention.default_impl`.
 
     python scripts/bench_attention.py                       # stories260K training shape on this machine
     python scripts/bench_attention.py --shape 8,2048,32,8,64 --dtype bfloat16 --impls xla,blockwise,cudnn
@@ -52,6 +52,20 @@ def _torch_times(b, t, h, kh, d, dtype, repeats, base):
     return [f"{out[0][0]:.2f}", f"{out[1][0]:.2f}", f"{out[1][1]:.1f}", f"{base / out[1][0]:.2f}×" if base else None]
 
 
+def _median_ms(f, operands, repeats: int) -> tuple[float, float]:
+    """Median wall and CPU milliseconds of `f(*operands)` over `repeats` calls (compiled beforehand)."""
+    import jax
+    import numpy as np
+
+    wall, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(f(*operands))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", action="append", help="B,T,H,K,D (repeatable); default stories260K's 16,256,8,4,8")
@@ -62,11 +76,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="file to write the markdown table to")
     args = p.parse_args(argv)
 
+    from jaxtune.runtime import apply_cpu_defaults
+
+    apply_cpu_defaults()  # the `jaxtune` command's CPU process defaults, before jax is imported
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxtune.model.attention import attention
+    from jaxtune.model.attention import attention, prepare
 
     rows = []
     for spec in args.shape or ["16,256,8,4,8"]:
@@ -85,6 +102,7 @@ def main(argv=None) -> int:
             grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fwd(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2)))
             fwd = jax.jit(fwd)
             try:
+                prepare(impl)  # builds cpu_flash before the first trace, as a model does
                 t0 = time.perf_counter()
                 jax.block_until_ready(grad(q, k, v))
                 compile_s = time.perf_counter() - t0
@@ -92,15 +110,7 @@ def main(argv=None) -> int:
             except Exception as e:  # a backend this platform or shape lacks: report it, keep measuring the rest
                 rows.append([spec, impl, None, None, None, None, f"{type(e).__name__}: {str(e)[:120]}"])
                 continue
-            out = {}
-            for name, f in (("fwd", fwd), ("fwd+bwd", grad)):
-                wall, cpu = [], []
-                for _ in range(args.repeats):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    jax.block_until_ready(f(q, k, v))
-                    wall.append(time.perf_counter() - t0)
-                    cpu.append(time.process_time() - c0)
-                out[name] = (float(np.median(wall)) * 1e3, float(np.median(cpu)) * 1e3)
+            out = {name: _median_ms(f, (q, k, v), args.repeats) for name, f in (("fwd", fwd), ("fwd+bwd", grad))}
             base = base or out["fwd+bwd"][0]
             rows.append([spec, impl, f"{out['fwd'][0]:.2f}", f"{out['fwd+bwd'][0]:.2f}",
                          f"{out['fwd+bwd'][1]:.1f}", f"{base / out['fwd+bwd'][0]:.2f}×", f"compile {compile_s:.1f} s"])
@@ -110,7 +120,7 @@ def main(argv=None) -> int:
             + bu.markdown_table(["B,T,H,K,D", "impl", "fwd ms", "fwd+bwd ms", "fwd+bwd CPU ms", "speed-up vs first",
                                  "note"], rows)
             + f"\n\nMachine: {bu.machine_markdown(bu.machine())}\n\n"
-            f"Command: `python scripts/bench_attention.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+            f"Command: `{bu.command('bench_attention.py', argv)}`\n")
     print(text)
     if args.out:
         Path(args.out).write_text(text)

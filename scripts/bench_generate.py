@@ -11,7 +11,6 @@ compile and is reported separately). Each side runs in its own process.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int
     return [rng.integers(3, vocab, n).tolist() for n in lens]
 
 
+@bu.jaxtune_side
 def jax_worker(s: dict) -> dict:
     import jax
     import jax.numpy as jnp
@@ -41,7 +41,7 @@ def jax_worker(s: dict) -> dict:
     from flax import nnx
 
     from jaxtune.generate import SamplingParams, generate
-    from jaxtune.model.config import from_hf_config
+    from jaxtune.hf.families import from_hf_config
     from jaxtune.model.transformer import Transformer
 
     cfg = from_hf_config(transformers.LlamaConfig(**bu.hf_config_kwargs(s["preset"])), scan_layers=s["scan_layers"])
@@ -65,18 +65,12 @@ def jax_worker(s: dict) -> dict:
 
 def hf_worker(s: dict) -> dict:
     import torch
-    import transformers
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**bu.hf_config_kwargs(s["preset"]), attn_implementation=s["hf_attention"])
-    with dev:
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(getattr(torch, s["dtype"]))
-        model = transformers.LlamaForCausalLM(cfg).eval()
-        torch.set_default_dtype(prev)
-    ps = prompts(s["batch"], s["prompt"], cfg.vocab_size)
+    model = bu.torch_llama(s["preset"], getattr(torch, s["dtype"]), dev, attn_implementation=s["hf_attention"]).eval()
+    ps = prompts(s["batch"], s["prompt"], model.config.vocab_size)
     width = max(len(p) for p in ps)
     ids = torch.zeros((len(ps), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -125,10 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--hf-attention", default="sdpa")
     p.add_argument("--hf-static-cache", action="store_true")
     p.add_argument("--sides", default="jaxtune,transformers")
-    p.add_argument("--plain-xla", action="store_true", help="CPU: run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", help="directory for bench_generate_<preset>.{md,json}")
-    bu.add_worker_args(p, WORKERS)
+    bu.add_run_args(p, WORKERS, timeout=900, out="bench_generate_<preset>.{md,json}")
     args = p.parse_args(argv)
     if bu.dispatch_worker(args, WORKERS):
         return 0
@@ -147,10 +138,9 @@ def main(argv=None) -> int:
         s = dict(base, batch=batch)
         got = {}
         for side in args.sides.split(","):
-            r = bu.spawn_worker(str(Path(__file__).resolve()), side, s, timeout=args.timeout, env=envs.get(side))
+            r = bu.spawn_worker(str(Path(__file__).resolve()), side, s, timeout=args.timeout, env=envs.get(side),
+                                label=f"{side} batch {batch}")
             r.setdefault("side", side)
-            if "error" in r:
-                print(f"[{side} batch {batch}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
             got[side] = r
             results.append(dict(r, batch=batch))
         ref = got.get("transformers", {}).get("tokens_per_s")
@@ -169,14 +159,9 @@ def main(argv=None) -> int:
                                                 "first call s", "peak memory"], rows)
             + f"\n\njaxtune env: {bu.env_note(envs['jaxtune'])}; PyTorch env: {bu.env_note(envs['transformers'])}"
             + f"\n\nMachine: {bu.machine_markdown(m)}\n\n"
-            f"Command: `python scripts/bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+            f"Command: `{bu.command('bench_generate.py', argv)}`\n")
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"bench_generate_{args.preset}.md").write_text(text)
-        (out / f"bench_generate_{args.preset}.json").write_text(json.dumps({"settings": base, "results": results},
-                                                                          indent=2, default=str))
+    bu.write_outputs(args.out, f"bench_generate_{args.preset}", text, {"settings": base, "results": results})
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -8,13 +8,13 @@ buffers) and PyTorch eager `LlamaForCausalLM` (+ `peft` LoRA, SDPA attention) wi
 with global-norm clipping at 1.0, LoRA r=16 alpha=32 on all linear layers, random weights, and the same
 synthetic full rows. Steady-state tokens/s is the median of the timed steps after warm-up (each step
 synchronised), with min and max. MFU uses `train.metrics.train_flops_per_token` against the chip's dense
-bf16 peak.
+bf16 peak, with the parameter counts of the jaxtune side's model (`lora.apply.count_params`; PyTorch's
+process never loads JAX).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -50,16 +50,16 @@ def settings(args) -> dict:
 
 
 def _jax_model(s: dict, abstract: bool = False):
-    """`(graphdef, trainable, frozen)` of the preset with LoRA applied (or not); `abstract` builds shapes only."""
+    """`(cfg, graphdef, trainable, frozen)` of the preset with LoRA applied (or not); `abstract`: shapes only."""
     import jax.numpy as jnp
     import transformers
     from flax import nnx
 
-    from jaxtune.lora.config import LoraConfig
+    from jaxtune.hf.families import from_hf_config
     from jaxtune.lora.apply import apply_lora
-    from jaxtune.train.partition import split_trainable, trainable_filter
-    from jaxtune.model.config import from_hf_config
+    from jaxtune.lora.config import LoraConfig
     from jaxtune.model.transformer import Transformer
+    from jaxtune.train.partition import split_trainable, trainable_filter
 
     dtype = jnp.dtype(s["dtype"])
     cfg = from_hf_config(transformers.LlamaConfig(**bu.hf_config_kwargs(s["preset"])), scan_layers=s["scan_layers"],
@@ -115,6 +115,17 @@ def _fill_random(model, seed: int = 0) -> None:
     nnx.update(model, jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
 
 
+def _counts(cfg, s: dict, trainable, frozen) -> dict:
+    """`params`, `trainable` (jaxtune's count of the adapted model's leaves, the one `train.partition.param_report`
+    reports as `lora_params` in LoRA mode) and the train FLOPs per token they give."""
+    from jaxtune.lora.apply import count_params
+    from jaxtune.train.metrics import train_flops_per_token
+
+    n_train = count_params(trainable)
+    n_all = n_train + count_params(frozen)
+    return dict(params=n_all, trainable=n_train, flops_per_token=train_flops_per_token(cfg, s["seq"], n_all, n_train))
+
+
 def _jax_step(s: dict):
     from jaxtune.train.optim import OptimConfig, make_optimizer
     from jaxtune.train.step import jit_train_step
@@ -128,7 +139,7 @@ def _resolved_attention(cfg, s: dict) -> str:
     import jax
     import jax.numpy as jnp
 
-    from jaxtune.model.attention_kernels import default_impl
+    from jaxtune.model.attention import default_impl
 
     if s["attention"] != "auto":
         return s["attention"]
@@ -136,11 +147,10 @@ def _resolved_attention(cfg, s: dict) -> str:
     return f"auto: {default_impl(q, q)}"
 
 
+@bu.jaxtune_side
 def jax_worker(s: dict) -> dict:
     import jax
     import jax.numpy as jnp
-
-    from jaxtune.lora.apply import count_params
 
     t0 = time.perf_counter()
     cfg, graphdef, trainable, frozen = _jax_model(s)
@@ -167,13 +177,20 @@ def jax_worker(s: dict) -> dict:
     stats = dev.memory_stats() or {}
     out = dict(bu.summarize(times, s["batch"] * s["seq"]), side="jaxtune", device=dev.device_kind,
                compile_s=compile_s, first_step_s=first_s, setup_s=setup_s, losses=losses,
-               params=count_params(trainable) + count_params(frozen), trainable=count_params(trainable),
-               attention=_resolved_attention(cfg, s), peak_rss=bu.peak_rss_bytes(),
-               peak_device=stats.get("peak_bytes_in_use"),
+               **_counts(cfg, s, trainable, frozen), attention=_resolved_attention(cfg, s),
+               peak_rss=bu.peak_rss_bytes(), peak_device=stats.get("peak_bytes_in_use"),
                compiled_temp=getattr(mem, "temp_size_in_bytes", None))
     return out
 
 
+@bu.jaxtune_side
+def jax_count_worker(s: dict) -> dict:
+    """Parameter counts and FLOPs per token from abstract shapes, for a table without a jaxtune run."""
+    cfg, _, trainable, frozen = _jax_model(s, abstract=True)
+    return dict(side="jaxtune", **_counts(cfg, s, trainable, frozen))
+
+
+@bu.jaxtune_side
 def jax_memory_worker(s: dict) -> dict:
     """Compile the step on abstract arrays (no weights allocated) and report XLA's buffer assignment: an
     estimate of device memory, labelled so, for shapes this machine cannot hold."""
@@ -203,22 +220,17 @@ def jax_memory_worker(s: dict) -> dict:
 
 def hf_worker(s: dict) -> dict:
     import torch
-    import transformers
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = getattr(torch, s["dtype"])
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    cfg = transformers.LlamaConfig(**bu.hf_config_kwargs(s["preset"]), attn_implementation=s["hf_attention"])
     # Same storage as the jaxtune side: LoRA keeps the frozen base in the compute dtype; full FT keeps fp32
     # master weights and computes under autocast.
-    store = dtype if s["mode"] == "lora" else torch.float32
-    with dev:
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(store)
-        model = transformers.LlamaForCausalLM(cfg)
-        torch.set_default_dtype(prev)
+    model = bu.torch_llama(s["preset"], dtype if s["mode"] == "lora" else torch.float32, dev,
+                           attn_implementation=s["hf_attention"])
+    cfg = model.config
     if s["mode"] == "lora":
         try:
             import peft
@@ -267,8 +279,9 @@ def hf_worker(s: dict) -> dict:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def table(s: dict, results: list[dict]) -> str:
-    flops, n, _ = bu.flops_per_token(s["preset"], s["seq"], s["mode"], s["lora_rank"])
+def table(s: dict, results: list[dict], counts: dict) -> str:
+    """`counts`: a jaxtune-side `_counts` (params, trainable, flops_per_token), or `{}` when none came back."""
+    flops, n = counts.get("flops_per_token"), counts.get("params")
     base = next((r for r in results if r.get("side") == "transformers" and "tokens_per_s" in r), None)
     rows = []
     for r in results:
@@ -277,16 +290,17 @@ def table(s: dict, results: list[dict]) -> str:
                          r.get("skipped") or r.get("error")])
             continue
         peak = bu.peak_bf16_flops(r.get("device"))
-        achieved = flops * r["tokens_per_s"]
+        achieved = flops * r["tokens_per_s"] if flops else None
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else None
         mem = r["peak_device"] if r.get("peak_device") else r["peak_rss"]
         rows.append([r["side"], s["mode"],
                      f"{r['tokens_per_s']:,.0f} ({r['tokens_per_s_min']:,.0f}–{r['tokens_per_s_max']:,.0f})",
-                     f"{ratio:.2f}×" if ratio else None, f"{achieved / 1e12:.3g}",
-                     f"{100 * achieved / peak:.1f}%" if peak else None,
+                     f"{ratio:.2f}×" if ratio else None, f"{achieved / 1e12:.3g}" if achieved else None,
+                     f"{100 * achieved / peak:.1f}%" if peak and achieved else None,
                      bu.fmt_bytes(mem) + (" device" if r.get("peak_device") else " RSS"),
                      r["compile_s"], r["first_step_s"], r.get("attention")])
-    head = (f"preset `{s['preset']}` ({n / 1e6:.1f}M params), {s['mode']}, batch {s['batch']} × seq {s['seq']}, "
+    params = f"{n / 1e6:.1f}M params" if n else "parameter count unknown: no jaxtune-side result"
+    head = (f"preset `{s['preset']}` ({params}), {s['mode']}, batch {s['batch']} × seq {s['seq']}, "
             f"{s['dtype']}, {s['steps']} timed steps after {s['warmup']} warm-up")
     return head + "\n\n" + bu.markdown_table(
         ["side", "mode", "tokens/s median (min–max)", "ratio", "TFLOP/s", "MFU", "peak memory", "compile s",
@@ -305,7 +319,8 @@ def memory_table(s: dict, r: dict) -> str:
         ["arguments (params+opt+batch)", "temporaries", "outputs not aliased", "total", "compile s"], [row])
 
 
-WORKERS = {"jaxtune": jax_worker, "transformers": hf_worker, "memory": jax_memory_worker}
+WORKERS = {"jaxtune": jax_worker, "transformers": hf_worker, "memory": jax_memory_worker,
+           "counts": jax_count_worker}
 
 
 def main(argv=None) -> int:
@@ -329,10 +344,7 @@ def main(argv=None) -> int:
     p.add_argument("--loss-chunk", type=int)
     p.add_argument("--memory-only", action="store_true", help="jaxtune compiled memory estimate, no run")
     p.add_argument("--mem-cap-gb", type=float, help="GPU: cap the jaxtune process at this much device memory")
-    p.add_argument("--plain-xla", action="store_true", help="CPU: run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
-    p.add_argument("--timeout", type=float, default=900)
-    p.add_argument("--out", help="directory for bench_train_<preset>_<mode>.{md,json}")
-    bu.add_worker_args(p, WORKERS)
+    bu.add_run_args(p, WORKERS, timeout=900, out="bench_train_<preset>_<mode>.{md,json}")
     args = p.parse_args(argv)
 
     if bu.dispatch_worker(args, WORKERS):
@@ -356,22 +368,17 @@ def main(argv=None) -> int:
         for side in args.sides.split(","):
             r = bu.spawn_worker(me, side, s, timeout=args.timeout, env=env if side == "jaxtune" else bu.torch_env())
             r.setdefault("side", side)
-            if "error" in r:
-                print(f"[{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
             results.append(r)
-        report = table(s, results)
+        counts = next((r for r in results if "flops_per_token" in r), None)
+        if counts is None:  # no jaxtune run to count the model: count it from abstract shapes alone
+            counts = bu.spawn_worker(me, "counts", s, timeout=args.timeout, env=env)
+        report = table(s, results, counts if "flops_per_token" in counts else {})
     envs = f"jaxtune env: {bu.env_note(env)}; PyTorch env: {bu.env_note(bu.torch_env())}"
-    command = " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"{report}\n\n{envs}\n\nMachine: {bu.machine_markdown(m)}\n\n"
-            f"Command: `python scripts/bench_train.py {command}`\n")
+            f"Command: `{bu.command('bench_train.py', argv)}`\n")
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"bench_train_{s['preset']}_{s['mode']}" + ("_memory" if args.memory_only else "")
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps({"settings": s, "machine": m, "results": results}, indent=2,
-                                                     default=str))
+    stem = f"bench_train_{s['preset']}_{s['mode']}" + ("_memory" if args.memory_only else "")
+    bu.write_outputs(args.out, stem, text, {"settings": s, "machine": m, "results": results})
     return 0 if all("error" not in r for r in results) else 1
 
 

@@ -14,7 +14,7 @@ Each side runs in its own process; TRL runs in its own environment (`--trl-pytho
 `.venv-bench/bin/python`: `python -m venv .venv-bench && .venv-bench/bin/pip install torch==2.13.0
 transformers peft trl datasets`). Train tokens/s = non-pad tokens fed over all epochs / train time (from
 the first step to the last, compile included, evaluation excluded; jaxtune builds its steps with
-`train.loop.build_steps`, as `jaxtune train` does, so the train step compiles once). Eval loss is
+`train.plan.assemble`, as `jaxtune train` does, so the train step compiles once). Eval loss is
 token-weighted over the eval completions, computed the same way on both sides before and after training;
 the before value must be 4.1344 (± 1e-3) or nothing after it is compared.
 """
@@ -70,16 +70,9 @@ def write_split(data: Path, out: Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------ jaxtune
 
 
-def jax_worker(s: dict) -> dict:
-    import jax
-    import numpy as np
-
+def _jax_recipe(s: dict):
+    """The job as a jaxtune recipe (what `jaxtune train` would read from YAML)."""
     from jaxtune.recipe import RecipeConfig, from_dict
-    from jaxtune.data.prepare import prepare_dataset
-    from jaxtune.lora.apply import count_params
-    from jaxtune.model.sharding import shard_batch
-    from jaxtune.train.loop import (build_mesh, build_steps, evaluate, gc_frozen, load_model, make_loaders,
-                                    partition)
 
     raw = {
         "model": {"path": s["model"], "dtype": "float32", "attention_impl": s["attention"],
@@ -94,7 +87,22 @@ def jax_worker(s: dict) -> dict:
     }
     if s["mode"] == "lora":
         raw["lora"] = {"rank": JOB["rank"], "alpha": JOB["alpha"], "dropout": 0.0, "target_modules": "all-linear"}
-    cfg = from_dict(RecipeConfig, raw)
+    return from_dict(RecipeConfig, raw)
+
+
+@bu.jaxtune_side
+def jax_worker(s: dict) -> dict:
+    import jax
+    import numpy as np
+
+    from jaxtune.data.prepare import prepare_dataset
+    from jaxtune.lora.apply import count_params
+    from jaxtune.model.sharding import shard_batch
+    from jaxtune.train.hooks import evaluate
+    from jaxtune.train.loop import gc_frozen, load_model, make_loaders
+    from jaxtune.train.plan import assemble, build_mesh
+
+    cfg = _jax_recipe(s)
     hits = []  # persistent-cache hits: the train step's, if any, comes with the first step
     if s.get("compile_cache"):  # a re-run of `jaxtune train`, whose compile cache is on by default
         jax.config.update("jax_compilation_cache_dir", s["compile_cache"])
@@ -106,8 +114,8 @@ def jax_worker(s: dict) -> dict:
     model, tokenizer, token_ids = load_model(cfg, mesh)
     train_examples, val_examples, _ = prepare_dataset(cfg.data, tokenizer)
     loader, eval_batches = make_loaders(cfg, train_examples, val_examples, tokenizer)
-    graphdef, trainable, frozen, token_rows, tx, _ = partition(cfg, model, token_ids, mesh, loader.total_steps)
-    opt_state, step_fn, eval_fn = build_steps(cfg, trainable, tx, mesh, token_rows)
+    parts, trainable, opt_state = assemble(cfg, model, token_ids, mesh, loader.total_steps)
+    graphdef, frozen, step_fn, eval_fn = parts.graphdef, parts.frozen, parts.train_step, parts.eval_step
     before = evaluate(eval_fn, graphdef, trainable, frozen, eval_batches, mesh)
     key = jax.random.key(JOB["seed"])
 
@@ -250,15 +258,12 @@ def main(argv=None) -> int:
     p.add_argument("--assets", default=str(ASSETS))
     p.add_argument("--attention", default="auto", help="jaxtune attention_impl")
     p.add_argument("--scan-layers", action="store_true", help="jaxtune model.scan_layers")
-    p.add_argument("--plain-xla", action="store_true", help="run jaxtune without bench_utils.FAST_CPU_XLA_FLAGS")
     p.add_argument("--async-metrics", action="store_true",
                    help="jaxtune: fetch step metrics once at the end, not every step as train/loop.py does")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="jaxtune: JAX's persistent compilation cache in DIR, as `jaxtune train` uses by default (a "
                         "second invocation measures a re-run); without it jaxtune compiles cold")
-    p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--out", help="directory for bench_vs_trl.{md,json}")
-    bu.add_worker_args(p, WORKERS)
+    bu.add_run_args(p, WORKERS, timeout=1800, out="bench_vs_trl.{md,json}")
     args = p.parse_args(argv)
 
     if bu.dispatch_worker(args, WORKERS):
@@ -289,10 +294,8 @@ def main(argv=None) -> int:
                     r = {"side": "TRL", "skipped": f"no TRL environment at {args.trl_python} (see --help)"}
                 else:
                     r = bu.spawn_worker(str(Path(__file__).resolve()), side, s, timeout=args.timeout, env=envs[side],
-                                        python=args.trl_python if side == "trl" else None)
+                                        python=args.trl_python if side == "trl" else None, label=f"{run}/{side}")
                 r.setdefault("side", "TRL" if side == "trl" else "jaxtune")
-                if "error" in r:
-                    print(f"[{run}/{side}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
                 rows.append((run, r))
                 print(f"[{run}/{side}] " + json.dumps({k: v for k, v in r.items() if k != "log"}, default=str),
                       file=sys.stderr)
@@ -300,13 +303,9 @@ def main(argv=None) -> int:
     env = f"; TRL environment: {', '.join(f'{k} {v}' for k, v in trl_versions.items() if v)}" if trl_versions else ""
     text = (f"{table(rows)}\n\njaxtune env: {bu.env_note(envs['jaxtune'])}; TRL env: {bu.env_note(envs['trl'])}\n\n"
             f"Machine: {bu.machine_markdown(m)}{env}\n\n"
-            f"Command: `python scripts/bench_vs_trl.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n")
+            f"Command: `{bu.command('bench_vs_trl.py', argv)}`\n")
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench_vs_trl.md").write_text(text)
-        (out / "bench_vs_trl.json").write_text(json.dumps({"machine": m, "runs": rows}, indent=2, default=str))
+    bu.write_outputs(args.out, "bench_vs_trl", text, {"machine": m, "runs": rows})
     return 0 if all("error" not in r for _, r in rows) else 1
 
 

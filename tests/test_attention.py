@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtune.model import attention_kernels as ak
-from jaxtune.model import cpu_attention as ca
-from jaxtune.model.attention import attention, visibility, xla_attention
+from jaxtune.model import attention as attn
+from jaxtune.model.attention import attention, blockwise, cudnn, splash
+from jaxtune.model.attention import cpu_flash as ca
+from jaxtune.model.attention.mask import visibility
+from jaxtune.model.attention.xla import xla_attention
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.transformer import Transformer
 
@@ -71,7 +73,7 @@ def check_against_reference(fn, t=200, window=None, sliding=True, layout="mixed"
 
 
 def cudnn_as_xla(q, k, v, **kw):
-    return ak.cudnn_attention(q, k, v, implementation="xla", **kw)
+    return cudnn.attention(q, k, v, implementation="xla", **kw)
 
 
 WINDOWS = [(None, True), (16, True), (16, False), (16, "traced")]
@@ -80,7 +82,7 @@ WINDOWS = [(None, True), (16, True), (16, False), (16, "traced")]
 @pytest.mark.parametrize("t,window,sliding", [(200, w, s) for w, s in WINDOWS] + [(256, 16, True)])
 def test_blockwise_matches_reference(t, window, sliding):
     """Lengths 200 (padded to whole blocks) and 256; with a static window, blocks outside it are skipped."""
-    check_against_reference(ak.blockwise_attention, t=t, window=window, sliding=sliding)
+    check_against_reference(blockwise.attention, t=t, window=window, sliding=sliding)
 
 
 @pytest.mark.parametrize("layout,window,sliding", [("mixed", w, s) for w, s in WINDOWS] +
@@ -94,19 +96,19 @@ def test_cudnn_arguments_express_visibility(layout, window, sliding):
 def test_single_segment_rows():
     _, _, _, _, mixed = make_inputs(layout="mixed")
     _, _, _, _, single = make_inputs(layout="single")
-    assert not bool(ak.single_segment_rows(mixed))
-    assert bool(ak.single_segment_rows(single))
-    assert not bool(ak.single_segment_rows(jnp.asarray([[1, 1, 0, 1]])))
+    assert not bool(cudnn.single_segment_rows(mixed))
+    assert bool(cudnn.single_segment_rows(single))
+    assert not bool(cudnn.single_segment_rows(jnp.asarray([[1, 1, 0, 1]])))
 
 
 @pytest.mark.parametrize("window,sliding", [(None, True), (40, "traced")])
 def test_splash_matches_reference_in_interpret_mode(window, sliding):
-    check_against_reference(ak.splash_attention, t=128, window=window, sliding=sliding)
+    check_against_reference(splash.attention, t=128, window=window, sliding=sliding)
 
 
-CACHED_IMPLS = [lambda q, k, v, **kw: ak.blockwise_attention(q, k, v, block=32, **kw),
-                lambda q, k, v, **kw: ca.cpu_flash_attention(q, k, v, **kw)]
-NEEDS_CPU_FLASH = pytest.mark.skipif(jax.default_backend() != "cpu" or not ca.available(),
+CACHED_IMPLS = [lambda q, k, v, **kw: blockwise.attention(q, k, v, block=32, **kw),
+                lambda q, k, v, **kw: ca.attention(q, k, v, **kw)]
+NEEDS_CPU_FLASH = pytest.mark.skipif(jax.default_backend() != "cpu" or not ca.ensure_built(),
                                      reason="cpu_flash needs the CPU backend and a C++ compiler")
 IMPLS = ["blockwise", pytest.param("cpu_flash", marks=NEEDS_CPU_FLASH)]
 
@@ -134,33 +136,34 @@ def test_diagonals_skip_invisible_blocks():
     def pairs(diags):
         return sorted((i, i - o) for o, a, e in diags for i in range(a, e))
 
-    assert pairs(ak.diagonals(4, 4, causal=False, window_blocks=None)) == [(i, j) for i in range(4) for j in range(4)]
+    full = [(i, j) for i in range(4) for j in range(4)]
+    assert pairs(blockwise.diagonals(4, 4, causal=False, window_blocks=None)) == full
     causal = [(i, j) for i in range(4) for j in range(i + 1)]
-    assert pairs(ak.diagonals(4, 4, causal=True, window_blocks=None)) == causal
+    assert pairs(blockwise.diagonals(4, 4, causal=True, window_blocks=None)) == causal
     # Over 32-slot blocks a 16- or 33-slot window reaches one block back (row 64 sees keys > 64 - 33 = 31);
     # 34 slots reach key 31, two blocks back.
-    assert ak.window_blocks(16, 32) == 1 and ak.window_blocks(33, 32) == 1 and ak.window_blocks(34, 32) == 2
-    assert ak.window_blocks(1, 32) == 0
-    assert pairs(ak.diagonals(4, 4, causal=True, window_blocks=1)) == [
+    assert [blockwise.window_blocks(w, 32) for w in (16, 33, 34)] == [1, 1, 2]
+    assert blockwise.window_blocks(1, 32) == 0
+    assert pairs(blockwise.diagonals(4, 4, causal=True, window_blocks=1)) == [
         (i, j) for i in range(4) for j in range(max(0, i - 1), i + 1)]
-    assert pairs(ak.diagonals(1, 3, causal=False, window_blocks=None)) == [(0, 0), (0, 1), (0, 2)]
-    assert ak.block_size(256) == 64 and ak.block_size(4096) == 256 and ak.block_size(100) == 64
-    assert ak.block_size(20) == 24
+    assert pairs(blockwise.diagonals(1, 3, causal=False, window_blocks=None)) == [(0, 0), (0, 1), (0, 2)]
+    assert blockwise.block_size(256) == 64 and blockwise.block_size(4096) == 256 and blockwise.block_size(100) == 64
+    assert blockwise.block_size(20) == 24
 
 
 def test_default_impl_by_platform_and_shape(monkeypatch):
     q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
     decode = jnp.zeros((1, 1, 4, 64), jnp.bfloat16)
-    monkeypatch.setattr(ak, "platform", lambda: "cpu")
-    assert ak.default_impl(q, q) == "blockwise"
-    assert ak.default_impl(decode, q) == "xla"
-    assert ak.default_impl(q[:, :5], q[:, :5]) == "blockwise"
-    monkeypatch.setattr(ak, "platform", lambda: "gpu")
-    assert ak.default_impl(q, q) == "cudnn"
-    assert ak.default_impl(q.astype(jnp.float32), q.astype(jnp.float32)) == "blockwise"
-    monkeypatch.setattr(ak, "platform", lambda: "tpu")
-    assert ak.default_impl(q, q) == "splash"
-    assert ak.default_impl(q[:, :200], q[:, :200]) == "blockwise"
+    monkeypatch.setattr(attn, "platform", lambda: "cpu")
+    assert attn.default_impl(q, q) == "blockwise"
+    assert attn.default_impl(decode, q) == "xla"
+    assert attn.default_impl(q[:, :5], q[:, :5]) == "blockwise"
+    monkeypatch.setattr(attn, "platform", lambda: "gpu")
+    assert attn.default_impl(q, q) == "cudnn"
+    assert attn.default_impl(q.astype(jnp.float32), q.astype(jnp.float32)) == "blockwise"
+    monkeypatch.setattr(attn, "platform", lambda: "tpu")
+    assert attn.default_impl(q, q) == "splash"
+    assert attn.default_impl(q[:, :200], q[:, :200]) == "blockwise"
 
 
 def test_unknown_impl_names_the_choices():
@@ -227,10 +230,10 @@ def test_backend_model_matches_transformers(tmp_path, variant, impl):
 @pytest.mark.parametrize("layout", ["mixed", "single"])
 @pytest.mark.parametrize("window,sliding", WINDOWS)
 def test_cudnn_matches_reference_on_gpu(layout, window, sliding):
-    check_against_reference(ak.cudnn_attention, t=256, window=window, sliding=sliding, layout=layout,
+    check_against_reference(cudnn.attention, t=256, window=window, sliding=sliding, layout=layout,
                             atol=3e-2, dtype=jnp.bfloat16, d=64)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 blockwise on GPU (run by scripts/gpu_check.sh)")
 def test_blockwise_bf16_on_gpu():
-    check_against_reference(ak.blockwise_attention, t=256, window=16, sliding="traced", atol=3e-2, dtype=jnp.bfloat16)
+    check_against_reference(blockwise.attention, t=256, window=16, sliding="traced", atol=3e-2, dtype=jnp.bfloat16)

@@ -15,7 +15,7 @@ from hf_models import torch_logits
 
 from jaxtune import load_pretrained
 from jaxtune.hf import save as hf_save
-from jaxtune.hf.load import read_safetensors
+from jaxtune.hf.safetensors import read_safetensors
 from jaxtune.lora.peft import AdapterError, load_peft_adapter, save_peft_adapter
 from jaxtune.export import save_merged
 from jaxtune.lora.config import LoraConfig

@@ -275,7 +275,7 @@ def test_param_report_at_real_scale():
 
 
 def test_merge_rule_picks_only_tiny_layers():
-    from jaxtune.model.layers import merge_is_cheaper
+    from jaxtune.lora.apply import merge_is_cheaper
 
     assert merge_is_cheaper(64, 172, 8) and merge_is_cheaper(64, 64, 8)  # stories260K
     assert not merge_is_cheaper(576, 1536, 16)  # SmolLM-135M: ratio 26
@@ -283,14 +283,13 @@ def test_merge_rule_picks_only_tiny_layers():
 
 
 @pytest.mark.parametrize("scan", LAYOUTS)
-def test_merged_forward_matches_factored(llama, scan, monkeypatch):
+def test_merged_forward_matches_factored(llama, scan):
     """The on-the-fly merged form `x (W + s·B·A)ᵀ` and the factored `x Wᵀ + s·(x Aᵀ) Bᵀ` give the same loss
-    and adapter gradients (the tiny zoo's layers take the merged form; ratio 0 forces the factored one)."""
-    from jaxtune.model import layers
-
+    and adapter gradients (apply_lora gives the tiny zoo's layers the merged form; clearing
+    `lora_merged_forward` forces the factored one)."""
     path, _ = llama
     model = randomize_b(apply_lora(load_pretrained(path, scan_layers=scan), LoraConfig(rank=8, alpha=16), rngs=1))
-    assert all(layers.merge_is_cheaper(lin.in_features, lin.out_features, 8) for _, lin, _ in lora_sites(model))
+    assert all(lin.lora_merged_forward for _, lin, _ in lora_sites(model))
     graphdef, trainable, frozen = split_trainable(model, trainable_filter("lora"))
     ids = _ids(128, (2, 24))
 
@@ -301,7 +300,9 @@ def test_merged_forward_matches_factored(llama, scan, monkeypatch):
         return nll / n
 
     merged = jax.value_and_grad(loss)(trainable)
-    monkeypatch.setattr(layers, "MERGE_RATIO", 0)
+    for _, lin, _ in lora_sites(model):
+        lin.lora_merged_forward = False
+    graphdef, trainable, frozen = split_trainable(model, trainable_filter("lora"))  # the flag is in the graphdef
     factored = jax.value_and_grad(loss)(trainable)
     np.testing.assert_allclose(merged[0], factored[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(merged[1]), jax.tree.leaves(factored[1])):

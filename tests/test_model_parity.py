@@ -12,7 +12,7 @@ from hf_models import VARIANTS, torch_logits
 
 from jaxtune import load_pretrained
 from jaxtune.hf.load import CheckpointError
-from jaxtune.model import attention as attention_mod
+from jaxtune.model.attention import xla as attention_mod
 
 ATOL = 1e-4
 B, T = 2, 24  # T > every sliding window in the zoo
@@ -244,7 +244,8 @@ def test_pickle_weights_refused_unless_opted_in(hf_zoo, tmp_path):
     ({"hidden_act": "gelu"}, "hidden_act"),
 ])
 def test_unsupported_config_fields_fail_loudly(hf_zoo, tmp_path, edit, field):
-    from jaxtune.model.config import UnsupportedConfigError, from_hf_config
+    from jaxtune.hf.families import from_hf_config
+    from jaxtune.model.config import UnsupportedConfigError
     from transformers import LlamaConfig
 
     path, _ = hf_zoo("llama_gqa")
@@ -259,7 +260,8 @@ def test_unsupported_config_fields_fail_loudly(hf_zoo, tmp_path, edit, field):
 
 
 def test_mistral_attention_bias_refused():
-    from jaxtune.model.config import UnsupportedConfigError, from_hf_config
+    from jaxtune.hf.families import from_hf_config
+    from jaxtune.model.config import UnsupportedConfigError
     from transformers import MistralConfig
 
     cfg = MistralConfig(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=1)

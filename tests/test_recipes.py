@@ -11,7 +11,7 @@ import pytest
 
 from jaxtune.cli.main import main
 from jaxtune.recipe import load_recipe
-from jaxtune.model.config import from_hf_config
+from jaxtune.hf.families import from_hf_config
 from jaxtune.model.sharding import make_mesh
 from jaxtune.train.plan import format_plan, lower_train_step
 
@@ -109,3 +109,21 @@ def test_bad_recipe_is_a_one_line_cli_error(tmp_path, capsys, extra):
     assert err.startswith(f"error: {bad}:3: model.dtyp: unknown key") and "Traceback" not in err
     assert main(["train", str(tmp_path / "none.yaml")] + extra) == 2
     assert "recipe file not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mesh, refused", [("{data: 2}", True), ("{data: 1}", False)])
+def test_cpu_flash_on_a_multi_device_mesh_is_refused_before_loading(tmp_path, mesh, refused):
+    """The C++ kernel is a custom call XLA can only replicate: naming it on a mesh of several devices is a
+    recipe error, raised when the mesh is built (before any model or data is loaded)."""
+    from jaxtune.recipe import ConfigError
+    from jaxtune.train.plan import build_mesh
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model:\n  path: x\n  attention_impl: cpu_flash\ndata:\n  train: d.json\n"
+                      f"output:\n  run_dir: {tmp_path / 'run'}\nmesh: {mesh}\n")
+    cfg = load_recipe(recipe)
+    if refused:
+        with pytest.raises(ConfigError, match="cpu_flash runs on one device, this mesh has 2"):
+            build_mesh(cfg)
+    else:
+        assert build_mesh(cfg).size == 1

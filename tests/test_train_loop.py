@@ -1,11 +1,12 @@
 """The training run end to end on the real stories260K model: exact resume, the NaN guard, and the files a
-run leaves behind."""
+run leaves behind; and the steps each hook runs after."""
 
 from __future__ import annotations
 
 import dataclasses
 import gc
 import json
+import types
 import warnings
 
 import jax
@@ -15,6 +16,7 @@ import pytest
 
 from jaxtune.recipe import RecipeConfig, from_dict
 from jaxtune.train import loop
+from jaxtune.train.hooks import TrainState, make_hooks
 from jaxtune.train.loop import TrainingStopped, train
 
 
@@ -172,3 +174,19 @@ def test_run_dir_holds_metrics_tensorboard_config_and_provenance(whole_run):
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["data_hash"] and prov["tokenizer_hash"] and prov["versions"]["jax"]
     assert result.eval_loss == [r for r in rows if r["split"] == "eval"][-1]["loss"]
+
+
+@pytest.mark.parametrize("keep_best, end", [(1, 5), (0, 5), (1, 7)])
+def test_hooks_fire_at_their_intervals_in_order(keep_best, end):
+    # save_every 3 and log_every 2 on a 7-step schedule; `end` 5 is a --stop-after invocation.
+    cfg = from_dict(RecipeConfig, {"model": {"path": "m"}, "data": {"train": "d.json"}, "output": {"run_dir": "r"},
+                                   "train": {"steps": 7, "save_every": 3, "log_every": 2, "keep_best": keep_best}})
+    run = types.SimpleNamespace(cfg=cfg, end=end, total_steps=7, eval_batches=[{}])
+    hooks = make_hooks(run, TrainState(0, None, None, None))
+    fired = {s: [h.name for h in hooks if h.due(TrainState(s, None, None, None))] for s in range(1, end + 1)}
+    saved = ["eval", "checkpoint"] if keep_best else ["checkpoint"]  # keep_best ranks each save by eval loss
+    expect = {1: ["metrics"], 2: ["metrics", "log"], 3: ["metrics"] + saved, 4: ["metrics", "log"],
+              5: ["metrics", "log"] + saved}
+    if end == 7:
+        expect.update({5: ["metrics"], 6: ["metrics", "log"] + saved, 7: ["metrics", "log", "eval", "checkpoint"]})
+    assert fired == expect

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from jaxtune.cli.args import add_model_args
-from jaxtune.jsonl import write_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +150,11 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 # -- eval report ----------------------------------------------------------------------------------------------
 def _report(args: argparse.Namespace) -> int:
-    from jaxtune.generate import load_for_inference
+    from jaxtune.assets import find_asset
     from jaxtune.data.chat import resolve_template
     from jaxtune.eval import ifeval, report, rigidity
-    from jaxtune.assets import find_asset
-    from jaxtune.generate import stop_token_ids
+    from jaxtune.eval.compare import score_models
+    from jaxtune.generate import load_for_inference
 
     t = resolve_target(args)
     if not t.base:
@@ -171,23 +170,9 @@ def _report(args: argparse.Namespace) -> int:
     if template is None:
         print("note: the tokenizer has no chat template and no --template was given; prompting with raw text",
               file=sys.stderr)
-    gen_kw = dict(template=template, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                  stop_ids=stop_token_ids(tuned.config, tok, template))
-    out = Path(args.out)
-    prompts = [inp["prompt"] for inp in inputs]
-    scored = {}
-    for side, model in (("base", base), ("tuned", tuned)):
-        responses = report.respond(model, tok, prompts, **gen_kw)
-        scored[side] = ifeval.score_responses(inputs, responses)
-        ifeval.write_results(scored[side], out / f"ifeval_{side}")
-        write_jsonl(out / f"ifeval_{side}" / "responses.jsonl",
-                    ({"prompt": p, "response": r} for p, r in zip(prompts, responses)))
-    rig = {}
-    if not args.no_rigidity:
-        probes = rigidity.load_probes(args.rigidity_probes)
-        for side, model in (("base", base), ("tuned", tuned)):
-            rig[side] = rigidity.score_rigidity(probes, report.respond(model, tok, [p.prompt for p in probes],
-                                                                       **gen_kw))
+    probes = None if args.no_rigidity else rigidity.load_probes(args.rigidity_probes)
+    scored, rig = score_models({"base": base, "tuned": tuned}, tok, inputs, args.out, template=template,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, probes=probes)
     forgetting = None
     if not args.no_forgetting:
         forgetting = forgetting_now(t, tuned, tok, args)[1]
@@ -200,7 +185,7 @@ def _report(args: argparse.Namespace) -> int:
                   "batch_size": args.batch_size, "template": spec, "decoding": "greedy", "run": t.run},
         base_rigidity=rig.get("base"), tuned_rigidity=rig.get("tuned"), forgetting=forgetting, metrics_rows=rows,
         n_samples=args.samples)
-    json_path, html_path = report.write_report(doc, out)
+    json_path, html_path = report.write_report(doc, args.out)
     for name, v in doc["ifeval"]["metrics"].items():
         print(f"{name:<26}{report.pct(v['base']):>7} % (base)  {report.pct(v['tuned']):>7} % (tuned)")
     print(f"wrote {json_path}\nwrote {html_path}")
@@ -251,8 +236,8 @@ def _target_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, required=False)
 
 
-def register(sub) -> None:
-    """The `jaxtune eval` group: ifeval, rigidity, loss, forgetting, report."""
+def _add_scoring(sub) -> None:
+    """`ifeval` and `rigidity`: score saved responses, no model needed."""
     p = sub.add_parser(
         "ifeval",
         help="score saved responses with the IFEval instruction checkers",
@@ -278,6 +263,9 @@ def register(sub) -> None:
     q.add_argument("--out", help="output directory (default: ./rigidity_<responses file stem>)")
     q.set_defaults(func=_rigidity)
 
+
+def _add_model_evals(sub) -> None:
+    """`loss`, `forgetting` and `report`: run a model (a recipe's run, or --model [--adapter])."""
     p = sub.add_parser("loss", help="loss and perplexity on an instruction dataset or a text file")
     _target_args(p)
     p.add_argument("--data", help="instruction/chat data file, scored on response tokens as in training")
@@ -317,3 +305,9 @@ def register(sub) -> None:
     r.add_argument("--general-text", help="general-text file for forgetting (default: tiny Shakespeare)")
     r.add_argument("--out", required=True, help="output directory")
     r.set_defaults(func=_report)
+
+
+def register(sub) -> None:
+    """The `jaxtune eval` group: ifeval, rigidity, loss, forgetting, report."""
+    _add_scoring(sub)
+    _add_model_evals(sub)

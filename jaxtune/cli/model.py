@@ -10,7 +10,7 @@ from jaxtune.cli.args import DTYPE_CHOICES
 
 def info_lines(model_dir: str) -> list[str]:
     from jaxtune.hf.load import load_hf_config, weight_files
-    from jaxtune.model.config import from_hf_config
+    from jaxtune.hf.families import from_hf_config
 
     from pathlib import Path
 

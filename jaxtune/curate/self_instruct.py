@@ -82,7 +82,7 @@ class SelfInstructConfig:
 def load_seed_tasks(path) -> list[SeedTask]:
     """Self-Instruct seed tasks: JSON(L) records with `instruction`, `instances` [{input, output}] and
     optional `is_classification`, read through the data pipeline's reader."""
-    from jaxtune.data.formats import iter_records
+    from jaxtune.data.readers import iter_records
     from jaxtune.data.report import RecordError
 
     tasks = []

@@ -98,7 +98,7 @@ def ifeval_section(base, tuned) -> dict:
         "num_prompts": tuned.num_prompts,
         "num_instructions": tuned.num_instructions,
         "metrics": metrics,
-        # The seed's claims are relative: "+35-50% format adherence", "41% fewer ignored constraints".
+        # The practice states these claims as relative changes: "+35-50% format adherence", "41% fewer ignored constraints".
         "relative": {"format_adherence_change": _ratio(fa["delta"], fa["base"]),
                      "ignored_constraints_reduction": _ratio(None if icr["delta"] is None else -icr["delta"],
                                                              icr["base"])},
@@ -339,15 +339,3 @@ def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     html_path.write_text(render_html(report), encoding="utf-8")
     return json_path, html_path
-
-
-# -- producing the scored results from two models -------------------------------------------------------------
-def respond(model, tokenizer, prompts: Sequence[str], *, template: str | None, max_new_tokens: int,
-            batch_size: int, stop_ids: Sequence[int]) -> list[str]:
-    """Greedy responses to user prompts (chat-formatted when `template` is given)."""
-    from jaxtune.generate import SamplingParams, generate_many, prompt_ids
-
-    ids = [prompt_ids(tokenizer, p, template) for p in prompts]
-    params = SamplingParams(max_new_tokens=max_new_tokens, stop_ids=tuple(stop_ids))
-    gen = generate_many(model, ids, params, batch_size=batch_size)
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in gen.tokens]

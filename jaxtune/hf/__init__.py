@@ -1,1 +1,2 @@
-"""Hugging Face checkpoints: the family table (config translation, tensor names), loading, saving."""
+"""Hugging Face checkpoints: the family table (`families`, built from `config` translation parts and `tensors`
+rules), the safetensors format, loading and saving."""

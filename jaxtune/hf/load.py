@@ -6,45 +6,20 @@ Only safetensors by default (pickle `.bin` needs `allow_pickle=True`); remote co
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from jaxtune.hf.families import IGNORED_HF, hf_to_nnx
-from jaxtune.model.config import ModelConfig, from_hf_config
+from jaxtune.hf.families import family, from_hf_config
+from jaxtune.hf.safetensors import CheckpointError, read_safetensors
+from jaxtune.hf.tensors import Gather
+from jaxtune.model.config import ModelConfig
 from jaxtune.model.sharding import variable_sharding
 from jaxtune.model.transformer import Transformer
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-class CheckpointError(ValueError):
-    """A model directory we cannot load, with the file and tensor named."""
-
-
-def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(name, array)` from one safetensors file via a read-only memmap (bf16 via ml_dtypes)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    base = 8 + n
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        yield name, mm[base + start: base + end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def weight_files(model_dir: Path, allow_pickle: bool = False) -> list[Path]:
@@ -91,6 +66,13 @@ def load_config(model_dir: str | Path, **runtime) -> ModelConfig:
     return from_hf_config(load_hf_config(model_dir), **runtime)
 
 
+def _model_path(path: tuple, scanned: bool) -> tuple[tuple, int | None]:
+    """A per-layer NNX path → (the model's path, the layer index when that leaf is a stack of layers)."""
+    if scanned and len(path) > 1 and isinstance(path[1], int):
+        return (path[0], *path[2:]), path[1]
+    return path, None
+
+
 def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
                     param_dtype=None, allow_pickle: bool = False, rules: dict | None = None,
                     **runtime) -> Transformer:
@@ -104,6 +86,18 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
+    filled = _fill(model_dir, cfg, flat, allow_pickle, lambda var: (
+        variable_sharding(var, mesh, rules) if mesh is not None else None))
+    for p, var in flat.items():
+        var.set_value(filled[p]) if hasattr(var, "set_value") else setattr(var, "value", filled[p])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sharding_of) -> dict[tuple, jax.Array]:
+    """Every parameter of `flat` from the checkpoint, through the family's tensor table (transforms run on the
+    host, per rule as soon as its tensors are read; scanned layers are stacked at the end)."""
+    fam = family(cfg.model_type)
+    table, gather = fam.tensors, Gather(fam.tensors, cfg, str(model_dir))
     stacked: dict[tuple, dict[int, np.ndarray]] = {}
     filled: dict[tuple, jax.Array] = {}
 
@@ -114,33 +108,39 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh
             raise CheckpointError(f"tensor for {'/'.join(map(str, path))}: shape {tuple(arr.shape)}, "
                                   f"model config expects {want}")
         arr = np.asarray(arr).astype(var.dtype)
-        sharding = variable_sharding(var, mesh, rules) if mesh is not None else None
+        sharding = sharding_of(var)
         filled[path] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
+    def put(pairs):
+        for nnx_path, arr in pairs:
+            p, layer = _model_path(nnx_path, cfg.scan_layers)
+            if layer is None:
+                place(p, arr)
+            else:
+                stacked.setdefault(p, {})[layer] = np.asarray(arr)
+
     for file, name, arr in _iter_tensors(weight_files(model_dir, allow_pickle)):
-        hit = hf_to_nnx(cfg.model_type, name, cfg.scan_layers)
-        if hit is None or hit[0] not in flat:
-            if IGNORED_HF.match(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+        hit = table.match_hf(name)
+        paths = [] if hit is None else table.nnx_paths(hit.rule, hit.layer)
+        targets = [_model_path(p, cfg.scan_layers)[0] for p in paths]
+        if hit is None or not all(t in flat for t in targets):
+            tied_head = targets and cfg.tie_word_embeddings and all(t[0] == "lm_head" for t in targets)
+            if fam.ignores(name) or tied_head:
                 continue
             raise CheckpointError(f"{file}: tensor {name!r} has no place in a {cfg.model_type} model with this "
                                   "config (unsupported architecture variant or mismatched config.json)")
-        path, layer = hit
-        if layer is None:
-            place(path, arr)
-        else:
-            stacked.setdefault(path, {})[layer] = np.asarray(arr)
-    for path, per_layer in stacked.items():
+        put(gather.add(hit, arr))
+    put(gather.finish())
+    for p, per_layer in stacked.items():
         if sorted(per_layer) != list(range(cfg.num_hidden_layers)):
-            raise CheckpointError(f"{model_dir}: {'/'.join(map(str, path))} found for layers {sorted(per_layer)}, "
+            raise CheckpointError(f"{model_dir}: {'/'.join(map(str, p))} found for layers {sorted(per_layer)}, "
                                   f"expected 0..{cfg.num_hidden_layers - 1}")
-        place(path, np.stack([per_layer[i] for i in range(cfg.num_hidden_layers)]))
+        place(p, np.stack([per_layer[i] for i in range(cfg.num_hidden_layers)]))
     missing = [p for p in flat if p not in filled]
     if missing:
         names = ", ".join("/".join(map(str, p)) for p in missing[:5])
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) the config needs: {names}")
-    for path, var in flat.items():
-        var.set_value(filled[path]) if hasattr(var, "set_value") else setattr(var, "value", filled[path])
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return filled
 
 
 def load_tokenizer(path: str | Path):

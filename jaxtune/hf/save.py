@@ -1,4 +1,4 @@
-"""jaxtune → HF: tensors under HF names (the loader's mapping table, inverted), safetensors shards, config.
+"""jaxtune → HF: tensors under HF names (the family's tensor table, run backwards), safetensors shards, config.
 
 Tensors are produced one at a time (a scanned stack is sliced per layer on device) and LoRA adapters are
 folded in fp32 with a single cast, so exporting never holds a second host copy of the whole model.
@@ -8,40 +8,18 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
-from typing import Callable
 
 import jax
-import ml_dtypes
-import numpy as np
 from flax import nnx
 
-from jaxtune.hf.families import nnx_to_hf
-from jaxtune.model.config import ModelConfig, dtype_name, from_hf_config
+from jaxtune.hf.families import family, from_hf_config
+from jaxtune.hf.safetensors import Tensor, write_safetensors
+from jaxtune.hf.tensors import hf_outputs
+from jaxtune.model.config import ModelConfig, dtype_name
 
-_ST_NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
-             np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int64): "I64", np.dtype(np.int32): "I32"}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-class Tensor:
-    """An output tensor known by name, shape and dtype before its bytes are computed."""
-
-    __slots__ = ("name", "shape", "dtype", "_make")
-
-    def __init__(self, name: str, shape: tuple, dtype, make: Callable[[], jax.Array]):
-        self.name, self.shape, self.dtype, self._make = name, tuple(shape), np.dtype(dtype), make
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    def numpy(self) -> np.ndarray:
-        arr = np.asarray(jax.device_get(self._make()))
-        assert arr.shape == self.shape and arr.dtype == self.dtype, (self.name, arr.shape, arr.dtype)
-        return arr
 
 
 def parse_size(size: int | str) -> int:
@@ -57,14 +35,14 @@ def parse_size(size: int | str) -> int:
 def hf_tensors(model, dtype=None) -> list[Tensor]:
     """Every weight of `model` under its HF name, LoRA merged (fp32 math, one cast to `dtype` or the
     parameter's own dtype). A tied head has no `lm_head.weight`, as in HF checkpoints."""
-    from jaxtune.lora.apply import merged_weight
+    from jaxtune.model.layers import merged_weight
 
     cfg: ModelConfig = model.config
     adapters = {}
     for path, node in nnx.iter_graph(model):
         if getattr(node, "lora_A", None) is not None:
             adapters[(*path, "weight")] = node
-    out = []
+    entries = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         if "lora_A" in path or "lora_B" in path:
             continue
@@ -80,26 +58,9 @@ def hf_tensors(model, dtype=None) -> list[Tensor]:
                 return merged_weight(w, take(lin.lora_A[...]), take(lin.lora_B[...]), lin.lora_scale, out_dtype)
 
             shape = var.shape[1:] if stacked else var.shape
-            out.append(Tensor(nnx_to_hf(cfg.model_type, path, layer), shape, out_dtype, make))
-    return out
-
-
-def write_safetensors(path: Path, tensors: list[Tensor], metadata: dict | None = None) -> None:
-    """Stream `tensors` into one safetensors file (header first from shapes, then bytes tensor by tensor)."""
-    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
-    for t in tensors:
-        if t.dtype not in _ST_NAMES:
-            raise ValueError(f"{path}: tensor {t.name} has dtype {t.dtype} that safetensors export does not support")
-        header[t.name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors:
-            f.write(np.ascontiguousarray(t.numpy()).tobytes())
+            per_layer = path if layer is None else (path[0], layer, *path[1:])
+            entries.append((per_layer, make, jax.ShapeDtypeStruct(shape, out_dtype)))
+    return hf_outputs(family(cfg.model_type).tensors, entries, cfg)
 
 
 def save_weights(tensors: list[Tensor], out_dir: Path, max_shard_size: int | str = "5GB") -> list[str]:
@@ -127,43 +88,15 @@ def save_weights(tensors: list[Tensor], out_dir: Path, max_shard_size: int | str
     return [*names, "model.safetensors.index.json"]
 
 
-def _rope_parameters(cfg: ModelConfig) -> dict:
-    rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type in ("linear", "llama3"):
-        rope["factor"] = cfg.rope_factor
-    if cfg.rope_type == "llama3":
-        rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
-                    original_max_position_embeddings=cfg.rope_original_max_position)
-    return rope
-
-
 def hf_config_from_model(cfg: ModelConfig, dtype) -> dict:
     """A `config.json` dict for a model that has no source directory, verified by reading it back."""
     from transformers import AutoConfig
 
-    eos = list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple) else cfg.eos_token_id
-    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-              num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-              num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.rms_norm_eps,
-              max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings,
-              bos_token_id=cfg.bos_token_id, eos_token_id=eos, pad_token_id=cfg.pad_token_id, hidden_act="silu",
-              rope_parameters=_rope_parameters(cfg))
-    layer_types = ["sliding_attention" if s else "full_attention" for s in cfg.sliding_layers]
-    if cfg.model_type == "llama":
-        kw.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-    elif cfg.model_type == "mistral":
-        kw.update(sliding_window=cfg.sliding_window)
-    elif cfg.model_type == "qwen2":
-        kw.update(sliding_window=cfg.sliding_window, use_sliding_window=any(cfg.sliding_layers),
-                  layer_types=layer_types)
-    elif cfg.model_type == "qwen3":
-        kw.update(attention_bias=cfg.qkv_bias, sliding_window=cfg.sliding_window,
-                  use_sliding_window=any(cfg.sliding_layers), layer_types=layer_types)
-    hf = AutoConfig.for_model(cfg.model_type, **kw)
-    hf.architectures = [type(hf).__name__.replace("Config", "ForCausalLM")]
+    fam = family(cfg.model_type)
+    hf = AutoConfig.for_model(cfg.model_type, **fam.to_hf(cfg))
+    hf.architectures = [fam.architecture]
     hf.dtype = dtype_name(dtype)
-    runtime = dict(scan_layers=cfg.scan_layers, remat=cfg.remat, attention_impl=cfg.attention_impl)
-    back = from_hf_config(hf, **runtime)
+    back = from_hf_config(hf, **{f: getattr(cfg, f) for f in _RUNTIME})
     if back != cfg:
         diff = {f: (getattr(cfg, f), getattr(back, f)) for f in cfg.__dataclass_fields__
                 if getattr(cfg, f) != getattr(back, f)}

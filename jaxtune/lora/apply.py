@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtune.hf.families import LINEAR_NAMES, nnx_to_hf
+from jaxtune.hf.families import family, nnx_to_hf
 from jaxtune.lora.config import LoraConfig, LoraConfigError
 from jaxtune.model.layers import Linear, merged_weight
 from jaxtune.model.sharding import variable_sharding
@@ -57,15 +57,20 @@ def _excluded(cfg: LoraConfig, name: str) -> bool:
     return name in ex or any(name.endswith(f".{e}") for e in ex)
 
 
-def _targets(cfg: LoraConfig) -> str | tuple[str, ...]:
-    return LINEAR_NAMES if cfg.target_modules == "all-linear" else cfg.target_modules
+def linear_names(model) -> tuple[str, ...]:
+    """The decoder's linear modules as PEFT names them, from the model's family: what "all-linear" means."""
+    return family(model.config.model_type).linear_names
 
 
-def _matches(cfg: LoraConfig, name: str) -> bool:
+def _targets(cfg: LoraConfig, linears: tuple[str, ...]) -> str | tuple[str, ...]:
+    return linears if cfg.target_modules == "all-linear" else cfg.target_modules
+
+
+def _matches(cfg: LoraConfig, name: str, linears: tuple[str, ...]) -> bool:
     """PEFT's `check_target_module_exists`, without the parts we refuse (modules_to_save, target_parameters)."""
     if _excluded(cfg, name):
         return False
-    targets = _targets(cfg)
+    targets = _targets(cfg, linears)
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     if name in targets:
@@ -116,24 +121,25 @@ def resolve_targets(cfg: LoraConfig, model) -> dict[str, tuple[int, float]]:
     """HF module name → (rank, alpha) for every module `cfg` adapts in `model`; refuses what PEFT would
     wrap but we cannot (lm_head, embeddings, non-linear modules) and targets that match nothing."""
     linear, other = module_names(model)
+    linears = linear_names(model)
     plan: dict[str, tuple[int, float]] = {}
     for name in linear:
-        if _matches(cfg, name):
+        if _matches(cfg, name, linears):
             if name == "lm_head":
                 raise LoraConfigError(f"lora.target_modules={cfg.target_modules!r} selects lm_head; LoRA on the "
                                       "output head is not supported (target the decoder linears)")
             plan[name] = (_pattern_value(cfg.rank_pattern, name, cfg.rank),
                           _pattern_value(cfg.alpha_pattern, name, cfg.alpha))
-    bad = [n for n in other if _matches(cfg, n)]
+    bad = [n for n in other if _matches(cfg, n, linears)]
     if bad:
         raise LoraConfigError(f"lora.target_modules={cfg.target_modules!r} selects {bad[0]!r}, which is not a "
-                              f"linear layer; LoRA applies to {', '.join(LINEAR_NAMES)}")
-    targets = _targets(cfg)
+                              f"linear layer; LoRA applies to {', '.join(linears)}")
+    targets = _targets(cfg, linears)
     if not isinstance(targets, str) and cfg.target_modules != "all-linear":
         for t in targets:
             if not any(n == t or n.endswith(f".{t}") for n in linear):
                 raise LoraConfigError(f"lora.target_modules entry {t!r} matches no linear layer of this "
-                                      f"{model.config.model_type} model; use one of {', '.join(LINEAR_NAMES)}, "
+                                      f"{model.config.model_type} model; use one of {', '.join(linears)}, "
                                       "'all-linear', a full module path or a regex string")
     if not plan:
         raise LoraConfigError(f"lora.target_modules={cfg.target_modules!r} (layers_to_transform="
@@ -167,6 +173,20 @@ def _placed(value: Array, var: nnx.Variable, like: nnx.Variable, rules) -> Array
     return value
 
 
+# Merge an adapter into its weight on the fly when in·out ≤ MERGE_RATIO·r·(in + out) (see merge_is_cheaper).
+MERGE_RATIO = 8
+
+
+def merge_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
+    """Whether `x (W + s·B·A)ᵀ` beats `x Wᵀ + s·(x Aᵀ) Bᵀ` for a LoRA layer (`Linear.lora_merged_forward`).
+
+    Per token the merged form costs 3·in·out FLOP-units (forward, input gradient, weight gradient) against
+    2·in·out + 3·r·(in + out) for the factored one, and its three matmuls have full-width contractions where
+    the factored one has rank-r contractions, which run far below peak on CPUs. Only tiny layers qualify
+    (docs/benchmarks.md has the measurements behind the ratio)."""
+    return in_features * out_features <= MERGE_RATIO * rank * (in_features + out_features)
+
+
 def _set_adapter(linear: Linear, a: Array, b: Array, scale: float, dropout: float, rules) -> None:
     a_axes, b_axes = _lora_axes(linear.weight)
     va, vb = nnx.LoRAParam(a, axes=a_axes), nnx.LoRAParam(b, axes=b_axes)
@@ -174,6 +194,7 @@ def _set_adapter(linear: Linear, a: Array, b: Array, scale: float, dropout: floa
     vb.set_value(_placed(b, vb, linear.weight, rules))
     linear.lora_A, linear.lora_B = nnx.data(va), nnx.data(vb)
     linear.lora_scale, linear.lora_dropout = float(scale), float(dropout)
+    linear.lora_merged_forward = merge_is_cheaper(linear.in_features, linear.out_features, a.shape[-2])
 
 
 def apply_lora(model, cfg: LoraConfig, rngs: nnx.Rngs | int = 0, *, rules: dict | None = None):
@@ -237,6 +258,7 @@ def merge_lora(model):
                                               linear.lora_scale))
         linear.lora_A = linear.lora_B = None
         linear.lora_scale = linear.lora_dropout = 0.0
+        linear.lora_merged_forward = False
     new.lora_config = None
     return new
 

@@ -11,9 +11,9 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.files import atomic_dir
-from jaxtune.hf.families import LINEAR_NAMES
-from jaxtune.hf.save import Tensor, save_tokenizer, write_safetensors
-from jaxtune.lora.apply import apply_lora, lora_sites, resolve_targets
+from jaxtune.hf.safetensors import Tensor, write_safetensors
+from jaxtune.hf.save import save_tokenizer
+from jaxtune.lora.apply import apply_lora, linear_names, lora_sites, resolve_targets
 from jaxtune.lora.config import LoraConfig, LoraConfigError
 
 PEFT_PREFIX = "base_model.model."
@@ -44,7 +44,7 @@ def peft_config_dict(cfg: LoraConfig, model, base_model_name_or_path: str | None
     targets = cfg.target_modules
     if targets == "all-linear":
         present = {n.rsplit(".", 1)[-1] for n in resolve_targets(cfg, model)}
-        targets = [n for n in LINEAR_NAMES if n in present]
+        targets = [n for n in linear_names(model) if n in present]
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "revision": None, "inference_mode": True, "r": cfg.rank, "lora_alpha": cfg.alpha,
@@ -117,7 +117,7 @@ def lora_config_from_peft(raw: dict, source: str = ADAPTER_CONFIG) -> LoraConfig
 
 
 def _read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
-    from jaxtune.hf.load import read_safetensors
+    from jaxtune.hf.safetensors import read_safetensors
 
     path = adapter_dir / ADAPTER_WEIGHTS
     if not path.is_file():
@@ -178,5 +178,5 @@ def load_peft_adapter(model, adapter_dir: str | Path):
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise AdapterError(f"{weights}: tensor {unknown[0]!r} ({len(unknown)} unused) has no place in this model "
-                           f"under {cfg_path}; only LoRA A/B of {', '.join(LINEAR_NAMES)} are supported")
+                           f"under {cfg_path}; only LoRA A/B of {', '.join(linear_names(model))} are supported")
     return model

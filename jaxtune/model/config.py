@@ -1,16 +1,15 @@
-"""ModelConfig: the few numbers that tell Llama, Mistral, Qwen2, Qwen3 and SmolLM apart.
+"""ModelConfig: the few numbers and math flags that tell the supported families apart.
 
-Built from a `transformers` config object (never raw JSON: class defaults differ per family and v5 moved
-`rope_theta` into `rope_parameters`). Fields we cannot honour fail loudly instead of being ignored.
+Built from an HF config by `jaxtune.hf.families` (the only place that knows HF config fields); this module
+knows only what the model computes, and refuses combinations it cannot compute.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# RoPE frequency schedules `model/layers.rope_inv_freq` implements.
+ROPE_TYPES = ("default", "llama3", "linear")
 # The attention backends (`auto` picks one per platform in `model/attention`).
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "cpu_flash", "cudnn", "splash")
 # The one dtype-name table: recipe, CLI and config.json names, with the short spellings users type.
@@ -41,7 +40,7 @@ class UnsupportedConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    model_type: str
+    model_type: str  # the HF model_type, which names the family entry (weights' names, config translation)
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -83,6 +82,8 @@ class ModelConfig:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+        if self.rope_type not in ROPE_TYPES:
+            raise UnsupportedConfigError(f"rope_type={self.rope_type!r}: expected one of {ROPE_TYPES}")
         if not self.sliding_layers:
             object.__setattr__(self, "sliding_layers", (self.sliding_window is not None,) * self.num_hidden_layers)
         if len(self.sliding_layers) != self.num_hidden_layers:
@@ -112,116 +113,3 @@ class ModelConfig:
         layer = attn + mlp + 2 * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_hidden_layers * layer + d + head
-
-
-def _get(hf: Any, name: str, default: Any = None) -> Any:
-    return getattr(hf, name, default)
-
-
-def _rope(hf: Any) -> dict:
-    """Merge v5 `rope_parameters` and v4 `rope_theta`/`rope_scaling` into one dict."""
-    params = dict(_get(hf, "rope_parameters") or {})
-    scaling = _get(hf, "rope_scaling")
-    if scaling and scaling is not params:
-        params.update(scaling)
-    if "rope_theta" not in params and _get(hf, "rope_theta") is not None:
-        params["rope_theta"] = _get(hf, "rope_theta")
-    params.setdefault("rope_theta", 10000.0)
-    params["rope_type"] = params.get("rope_type", params.get("type", "default")) or "default"
-    return params
-
-
-def from_hf_config(hf: Any, **runtime: Any) -> ModelConfig:
-    """Translate a `transformers.PretrainedConfig` into a ModelConfig, refusing what we can't match."""
-    mt = _get(hf, "model_type")
-    if mt not in SUPPORTED_FAMILIES:
-        raise UnsupportedConfigError(
-            f"model_type={mt!r} is not supported; jaxtune supports {', '.join(SUPPORTED_FAMILIES)} "
-            "(SmolLM/SmolLM2 are model_type 'llama')"
-        )
-    act = _get(hf, "hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise UnsupportedConfigError(f"hidden_act={act!r} is not supported (only 'silu')")
-    if (_get(hf, "pretraining_tp", 1) or 1) != 1:
-        raise UnsupportedConfigError("pretraining_tp != 1 is not supported")
-
-    rope = _rope(hf)
-    rtype = rope["rope_type"]
-    if rtype not in SUPPORTED_ROPE_TYPES:
-        raise UnsupportedConfigError(
-            f"rope_scaling/rope_parameters rope_type={rtype!r} is not supported; expected one of {SUPPORTED_ROPE_TYPES}"
-        )
-    if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedConfigError("rope partial_rotary_factor != 1 is not supported")
-
-    heads = _get(hf, "num_attention_heads")
-    kv_heads = _get(hf, "num_key_value_heads") or heads
-    hidden = _get(hf, "hidden_size")
-    head_dim = _get(hf, "head_dim") or hidden // heads
-
-    attention_bias = bool(_get(hf, "attention_bias", False))
-    qkv_bias = o_bias = mlp_bias = False
-    if mt == "llama":
-        qkv_bias = o_bias = attention_bias
-        mlp_bias = bool(_get(hf, "mlp_bias", False))
-    elif mt == "mistral":
-        if attention_bias:
-            raise UnsupportedConfigError("attention_bias=True: Mistral has no attention bias")
-    elif mt == "qwen2":
-        qkv_bias = True
-    elif mt == "qwen3":
-        qkv_bias = o_bias = attention_bias
-
-    window = _get(hf, "sliding_window")
-    layers = _get(hf, "num_hidden_layers")
-    layer_types = _get(hf, "layer_types")
-    if mt == "mistral":
-        sliding = (window is not None,) * layers
-    elif mt in ("qwen2", "qwen3"):
-        if layer_types is None:
-            use = bool(_get(hf, "use_sliding_window", False)) and window is not None
-            mwl = _get(hf, "max_window_layers", layers)
-            layer_types = ["sliding_attention" if use and i >= mwl else "full_attention" for i in range(layers)]
-        unknown = set(layer_types) - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise UnsupportedConfigError(f"layer_types contains unsupported {sorted(unknown)}")
-        sliding = tuple(t == "sliding_attention" for t in layer_types)
-        if not any(sliding):
-            window = None
-    else:
-        if window is not None:
-            raise UnsupportedConfigError(f"sliding_window={window}: the llama family has no sliding window")
-        sliding = (False,) * layers
-
-    eos = _get(hf, "eos_token_id")
-    if isinstance(eos, list):
-        eos = tuple(eos)
-    return ModelConfig(
-        model_type=mt,
-        vocab_size=_get(hf, "vocab_size"),
-        hidden_size=hidden,
-        intermediate_size=_get(hf, "intermediate_size"),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-        rope_theta=float(rope["rope_theta"]),
-        rope_type=rtype,
-        rope_factor=float(rope.get("factor", 1.0)),
-        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
-        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
-        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
-        max_position_embeddings=_get(hf, "max_position_embeddings", 2048),
-        tie_word_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-        qkv_bias=qkv_bias,
-        o_bias=o_bias,
-        mlp_bias=mlp_bias,
-        qk_norm=mt == "qwen3",
-        sliding_window=window,
-        sliding_layers=sliding,
-        bos_token_id=_get(hf, "bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=_get(hf, "pad_token_id"),
-        **runtime,
-    )

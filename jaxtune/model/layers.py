@@ -18,22 +18,8 @@ Array = jax.Array
 
 
 def _normal(rngs: nnx.Rngs, shape, std, dtype):
-    """Drawn directly in the parameter dtype: an fp32 draw then cast doubles peak memory at 8B shapes."""
+    """Drawn directly in the parameter dtype: an fp32 draw then a cast would double peak init memory."""
     return std * jax.random.normal(rngs.params(), shape, dtype)
-
-
-# Merge an adapter into its weight on the fly when in·out ≤ MERGE_RATIO·r·(in + out) (see merge_is_cheaper).
-MERGE_RATIO = 8
-
-
-def merge_is_cheaper(in_features: int, out_features: int, rank: int) -> bool:
-    """Whether `x (W + s·B·A)ᵀ` beats `x Wᵀ + s·(x Aᵀ) Bᵀ` for a LoRA layer.
-
-    Per token the merged form costs 3·in·out FLOP-units (forward, input gradient, weight gradient) against
-    2·in·out + 3·r·(in + out) for the factored one, and its three matmuls have full-width contractions where
-    the factored one has rank-r contractions, which run far below peak on CPUs. Only tiny layers qualify
-    (stories260K's, not SmolLM-135M's: the ratio there is 26)."""
-    return in_features * out_features <= MERGE_RATIO * rank * (in_features + out_features)
 
 
 def merged_weight(weight: Array, lora_a: Array, lora_b: Array, scale: float, dtype=None) -> Array:
@@ -45,7 +31,10 @@ def merged_weight(weight: Array, lora_a: Array, lora_b: Array, scale: float, dty
 
 
 class Linear(nnx.Module):
-    """`y = x Wᵀ (+ b) + scale · dropout(x) Aᵀ Bᵀ`; LoRA leaves (PEFT layout) are absent until `lora.apply_lora`."""
+    """`y = x Wᵀ (+ b) + scale · dropout(x) Aᵀ Bᵀ`; LoRA leaves (PEFT layout) are absent until `lora.apply_lora`.
+
+    `lora_merged_forward` (static, set by whoever attaches the adapter) computes `x (W + scale·B·A)ᵀ` instead
+    when no dropout applies: the same function, one full-width matmul instead of two rank-r ones."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, axes: tuple[str, str],
                  dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
@@ -57,27 +46,31 @@ class Linear(nnx.Module):
         self.lora_B: nnx.LoRAParam | None = None
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
+        self.lora_merged_forward = False
 
     def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
         x = x.astype(self.dtype)
-        dropout = self.lora_dropout > 0.0 and dropout_rng is not None
-        if self.lora_A is not None and not dropout and merge_is_cheaper(self.in_features, self.out_features,
-                                                                        self.lora_A.shape[-2]):
-            w = merged_weight(self.weight[...], self.lora_A[...], self.lora_B[...], self.lora_scale, self.dtype)
-            y = jnp.einsum("...i,oi->...o", x, w)
-            return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_dropout <= 0.0:
+            dropout_rng = None
+        if self.lora_A is not None and self.lora_merged_forward and dropout_rng is None:
+            return self._dense(x, merged_weight(self.weight[...], self.lora_A[...], self.lora_B[...],
+                                                self.lora_scale, self.dtype))
+        y = self._dense(x, self.weight[...].astype(self.dtype))
         if self.lora_A is not None:
-            h = x
-            if self.lora_dropout > 0.0 and dropout_rng is not None:
-                keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
-                h = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
-            h = jnp.einsum("...i,ri->...r", h, self.lora_A[...].astype(self.dtype))
-            h = jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
-            y = y + (h * self.lora_scale).astype(self.dtype)
+            y = y + self._lora(x, dropout_rng)
         return y
+
+    def _dense(self, x: Array, w: Array) -> Array:
+        y = jnp.einsum("...i,oi->...o", x, w)
+        return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
+
+    def _lora(self, x: Array, dropout_rng: Array | None) -> Array:
+        if dropout_rng is not None:
+            keep = jax.random.bernoulli(dropout_rng, 1.0 - self.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(self.dtype)
+        h = jnp.einsum("...i,ri->...r", x, self.lora_A[...].astype(self.dtype))
+        h = jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
+        return (h * self.lora_scale).astype(self.dtype)
 
 
 class Embed(nnx.Module):

@@ -74,16 +74,6 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: dict | None = None) 
     return NamedSharding(mesh, logical_to_spec(axes, rules, mesh, tuple(var.shape)))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules: dict | None = None):
-    """NamedSharding per leaf of an (abstract) NNX state, from each Variable's `axes` metadata."""
-    return jax.tree.map(lambda v: v.replace(variable_sharding(v, mesh, rules)), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def batch_sharding(mesh: Mesh, rules: dict | None = None) -> NamedSharding:
-    return NamedSharding(mesh, logical_to_spec(("batch", None), rules, mesh))
-
-
 def batch_spec(ndim: int = 2, accum: bool = False, rules: dict | None = None, mesh: Mesh | None = None) -> P:
     """Spec for a `[B, T]` batch (or `[K, B, T]` gradient-accumulation batch): examples over data×fsdp."""
     axes = (None, "batch") if accum else ("batch",)

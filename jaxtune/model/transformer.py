@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.model.attention import attention
+from jaxtune.model.attention import prepare as prepare_attention
 from jaxtune.model.config import ModelConfig
 from jaxtune.model.layers import MLP, Embed, Linear, RMSNorm, apply_rope, rope_inv_freq
 
@@ -43,19 +44,24 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(cfg)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is None:
-            k_all, v_all, k_idx, k_seg, new_kv = k, v, q_idx, q_seg, None
-        else:
-            start = kv["index"]
-            k_all = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), start, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), start, axis=1)
-            k_seg = kv["segment_ids"]
-            k_idx = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32), k_seg.shape)
-            new_kv = {"k": k_all, "v": v_all}
+        k_idx, k_seg, new_kv = q_idx, q_seg, None
+        if kv is not None:
+            k, v, k_idx, k_seg, new_kv = write_kv(kv, k, v)
         window = cfg.sliding_window if any(cfg.sliding_layers) else None
-        out = attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), q_idx=q_idx, k_idx=k_idx, q_seg=q_seg,
+        out = attention(q, k.astype(q.dtype), v.astype(q.dtype), q_idx=q_idx, k_idx=k_idx, q_seg=q_seg,
                         k_seg=k_seg, window=window, sliding=sliding, impl=cfg.attention_impl)
         return self.o_proj(out.reshape(b, t, -1), r[3]), new_kv
+
+
+def write_kv(kv: dict, k: Array, v: Array):
+    """This step's keys and values written into one layer's cache at `kv["index"]`: the whole cache's keys,
+    values, slot indices and segment ids, and the updated `{"k", "v"}`."""
+    start = kv["index"]
+    k_all = jax.lax.dynamic_update_slice_in_dim(kv["k"], k.astype(kv["k"].dtype), start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(kv["v"], v.astype(kv["v"].dtype), start, axis=1)
+    k_seg = kv["segment_ids"]
+    k_idx = jnp.broadcast_to(jnp.arange(k_all.shape[1], dtype=jnp.int32), k_seg.shape)
+    return k_all, v_all, k_idx, k_seg, {"k": k_all, "v": v_all}
 
 
 class DecoderLayer(nnx.Module):
@@ -67,11 +73,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(cfg, **kw)
 
     def __call__(self, x, *, positions, q_idx, q_seg, sliding, kv=None, dropout_rng=None):
-        rngs = None if dropout_rng is None else tuple(jax.random.split(dropout_rng, _LINEARS_PER_LAYER))
+        r = (None,) * _LINEARS_PER_LAYER  # one dropout key per LoRA linear: q, k, v, o, gate, up, down
+        if dropout_rng is not None:
+            r = tuple(jax.random.split(dropout_rng, _LINEARS_PER_LAYER))
         h, new_kv = self.self_attn(self.input_layernorm(x), positions=positions, q_idx=q_idx, q_seg=q_seg,
-                                   sliding=sliding, kv=kv, rngs=None if rngs is None else rngs[:4])
+                                   sliding=sliding, kv=kv, rngs=r[:4])
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), None if rngs is None else rngs[4:])
+        x = x + self.mlp(self.post_attention_layernorm(x), r[4:])
         return x, new_kv
 
 
@@ -91,6 +99,7 @@ class Transformer(nnx.Module):
     """`logits = model(input_ids, segment_ids=None, positions=None)` → `[batch, seq, vocab]`."""
 
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, param_dtype=None, rngs: nnx.Rngs | None = None):
+        prepare_attention(cfg.attention_impl)
         rngs = rngs or nnx.Rngs(0)
         param_dtype = param_dtype or dtype
         self.config, self.dtype = cfg, dtype
@@ -131,53 +140,65 @@ class Transformer(nnx.Module):
         kv_seg = None
         if cache is not None:
             kv_seg = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], seg, start, axis=1)
-        # Which layers use the window is known at trace time; it stays a Python bool (so kernels pick one
-        # variant instead of a `lax.cond` between two, and `blockwise` skips blocks outside the window) except
-        # under scan over layers that differ, where it must be a scanned array.
-        traced_sliding = cfg.scan_layers and len(set(cfg.sliding_layers)) > 1
         x = self.embed_tokens(input_ids)
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, cfg.num_hidden_layers)
-
-        def run_layer(layer, x, sliding_i, kv, rng):
-            return layer(x, positions=positions, q_idx=q_idx, q_seg=seg, sliding=sliding_i, kv=kv, dropout_rng=rng)
-
-        if cfg.remat != "none":
-            run_layer = nnx.remat(run_layer, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
-                                  static_argnums=() if traced_sliding else (2,))
-
-        new_k, new_v = [], []
-        if cfg.scan_layers:
-            graphdef, state = nnx.split(self.layers)
-
-            def body(x, xs):
-                st, sl, kv, rng = xs
-                x, out = run_layer(nnx.merge(graphdef, st), x, sl if traced_sliding else cfg.sliding_layers[0], kv,
-                                   rng)
-                return x, out
-
-            kvs = None
-            if cache is not None:
-                kvs = {"k": cache["k"], "v": cache["v"],
-                       "segment_ids": jnp.broadcast_to(kv_seg, (cfg.num_hidden_layers, *kv_seg.shape)),
-                       "index": jnp.broadcast_to(start, (cfg.num_hidden_layers,))}
-            sliding = jnp.asarray(cfg.sliding_layers) if traced_sliding else None
-            x, outs = jax.lax.scan(body, x, (state, sliding, kvs, layer_rngs))
-            if cache is not None:
-                new_k, new_v = outs["k"], outs["v"]
-        else:
-            for i, layer in enumerate(self.layers):
-                kv = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i],
-                                                  "segment_ids": kv_seg, "index": start}
-                x, out = run_layer(layer, x, cfg.sliding_layers[i], kv, None if layer_rngs is None else layer_rngs[i])
-                if out is not None:
-                    new_k.append(out["k"])
-                    new_v.append(out["v"])
-            if cache is not None:
-                new_k, new_v = jnp.stack(new_k), jnp.stack(new_v)
+        layer = self._layer_fn(positions=positions, q_idx=q_idx, q_seg=seg)
+        run_layers = self._scan_layers if cfg.scan_layers else self._loop_layers
+        x, new_kv = run_layers(layer, x, cache, kv_seg, start, layer_rngs)
         x = self.norm(x)
         if cache is None:
             return x
-        return x, {"k": new_k, "v": new_v, "segment_ids": kv_seg, "index": start + t}
+        return x, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg, "index": start + t}
+
+    def _traced_sliding(self) -> bool:
+        """Which layers use the window is known at trace time, so it stays a Python bool (kernels pick one
+        variant instead of a `lax.cond` between two, and `blockwise` skips blocks outside the window) except
+        under scan over layers that differ, where it must be a scanned array."""
+        return self.config.scan_layers and len(set(self.config.sliding_layers)) > 1
+
+    def _layer_fn(self, **inputs):
+        """`(layer, x, sliding, kv, rng) -> (x, new_kv)`: one decoder layer on the step's shared `inputs`,
+        rematerialised as `config.remat` asks."""
+        cfg = self.config
+
+        def run(layer, x, sliding, kv, rng):
+            return layer(x, sliding=sliding, kv=kv, dropout_rng=rng, **inputs)
+
+        if cfg.remat == "none":
+            return run
+        return nnx.remat(run, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
+                         static_argnums=() if self._traced_sliding() else (2,))
+
+    def _scan_layers(self, run, x, cache, kv_seg, start, layer_rngs):
+        """The stacked layers under `lax.scan` (the layer traces once); returns x and the new cache's (k, v)."""
+        cfg = self.config
+        graphdef, state = nnx.split(self.layers)
+        traced = self._traced_sliding()
+
+        def body(x, xs):
+            st, sliding, kv, rng = xs
+            return run(nnx.merge(graphdef, st), x, sliding if traced else cfg.sliding_layers[0], kv, rng)
+
+        kvs = None
+        if cache is not None:
+            n = cfg.num_hidden_layers
+            kvs = {"k": cache["k"], "v": cache["v"], "segment_ids": jnp.broadcast_to(kv_seg, (n, *kv_seg.shape)),
+                   "index": jnp.broadcast_to(start, (n,))}
+        sliding = jnp.asarray(cfg.sliding_layers) if traced else None
+        x, outs = jax.lax.scan(body, x, (state, sliding, kvs, layer_rngs))
+        return x, None if cache is None else (outs["k"], outs["v"])
+
+    def _loop_layers(self, run, x, cache, kv_seg, start, layer_rngs):
+        """The layers one after another; returns x and the new cache's (k, v)."""
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else {"k": cache["k"][i], "v": cache["v"][i], "segment_ids": kv_seg,
+                                             "index": start}
+            x, out = run(layer, x, self.config.sliding_layers[i], kv, None if layer_rngs is None else layer_rngs[i])
+            if out is not None:
+                new_k.append(out["k"])
+                new_v.append(out["v"])
+        return x, None if cache is None else (jnp.stack(new_k), jnp.stack(new_v))
 
     def logits(self, hidden: Array) -> Array:
         if self.lm_head is None:

@@ -1,5 +1,6 @@
-"""The training run behind `jaxtune train`: recipe → mesh, model, data → jitted steps → checkpoints, logs,
-export. The shell around the pure steps in `train/step.py`.
+"""The training run behind `jaxtune train`: set up (recipe → mesh, model, data, the steps assembled by
+`train/plan.py`, the checkpoint to resume from), loop (one jitted step, then the hooks of
+`train/hooks.py`: metrics, eval, forgetting, checkpoints), finish (export).
 
 Resume is exact: parameters and optimizer state come from the checkpoint, the data loader continues from
 its saved grain state, and each step's RNG is `fold_in(seed key, step)`, so N steps + resume + N steps
@@ -18,24 +19,23 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxtune.cache import enable_compile_cache
-from jaxtune.recipe import ConfigError, RecipeConfig, dump_recipe, to_dict
 from jaxtune.model.config import parse_dtype
-from jaxtune.model.sharding import (MESH_AXES, check_rules, make_mesh, maybe_initialize_distributed, shard_batch,
-                                    tree_shardings)
+from jaxtune.model.sharding import MESH_AXES, maybe_initialize_distributed, shard_batch
+from jaxtune.recipe import ConfigError, RecipeConfig, dump_recipe
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import Checkpointer, content_hash, provenance
-from jaxtune.train.vocab import merge_model
+from jaxtune.train.hooks import Run, TrainState, make_hooks, run_hooks
+from jaxtune.train.plan import assemble, build_mesh, micro_rows
 
 
 @contextlib.contextmanager
 def gc_frozen():
-    """Hide every object alive now (modules, model, tokenizer, data: ~0.5M objects) from the cyclic GC while
-    the loop runs. Tracing the first step triggers full collections that would walk all of them (~0.25 s
-    each on the stories260K job); frozen, they walk only what the loop itself creates. Unfrozen after."""
+    """Hide every object alive now (modules, model, tokenizer, data) from the cyclic GC while the loop runs.
+    Tracing the first step triggers full collections that would walk all of them; frozen, they walk only
+    what the loop itself creates. Unfrozen after."""
     gc.freeze()
     try:
         yield
@@ -59,13 +59,65 @@ class RunResult:
     export_dir: Path | None = None
 
 
-def build_mesh(cfg: RecipeConfig, devices=None) -> jax.sharding.Mesh:
-    """The recipe's mesh. Explicit sizes smaller than this host's device count (no `-1`) use the first
-    devices, e.g. `mesh: {data: 1}` to debug on one GPU of eight; multi-process jobs must use them all."""
-    devices = list(devices if devices is not None else jax.devices())
-    if -1 not in cfg.mesh.values() and jax.process_count() == 1:
-        devices = devices[:int(np.prod(list(cfg.mesh.values()) or [1]))]
-    return make_mesh(cfg.mesh, devices)
+def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
+    """Run (or resume) the recipe. `stop_after` ends this invocation once that many steps are done
+    (checkpointing there) without changing the schedule, as a preempted job would."""
+    maybe_initialize_distributed()
+    if cfg.train.compile_cache:
+        enable_compile_cache()
+    run, state = set_up(cfg, resume=resume, stop_after=stop_after)
+    try:
+        hooks = make_hooks(run, state)
+        with gc_frozen():
+            while state.step < run.end:
+                run_step(run, state)
+                run_hooks(hooks, state)
+    finally:
+        run.close()
+    return finish(run, state)
+
+
+# --- set-up -----------------------------------------------------------------------------------------------
+
+
+def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[Run, TrainState]:
+    """Everything the loop needs, from the recipe; on `resume`, the state of the latest checkpoint."""
+    from jaxtune.data.prepare import prepare_dataset
+    from jaxtune.lora.apply import count_params
+
+    t = cfg.train
+    run_dir = Path(cfg.output.run_dir)
+    mesh = build_mesh(cfg)
+    micro_rows(cfg, mesh)
+    model, tokenizer, token_ids = load_model(cfg, mesh)
+    train_examples, val_examples, _ = prepare_dataset(cfg.data, tokenizer)
+    loader, eval_batches = make_loaders(cfg, train_examples, val_examples, tokenizer)
+    total_steps = t.steps or loader.total_steps
+    parts, trainable, opt_state = assemble(cfg, model, token_ids, mesh, total_steps)
+    prov = provenance(data_hash=content_hash(train_examples), tokenizer=tokenizer)
+    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_last, keep_best=t.keep_best,
+                        async_save=t.async_checkpoint)
+    fresh = TrainState(step=0, trainable=trainable, opt_state=opt_state, key=jax.random.key(t.seed))
+    state, note = restore(ckpt, loader, prov, fresh, resume=resume)
+
+    n_params, n_trainable = model.config.num_params(), count_params(trainable)
+    run = Run(cfg=cfg, mesh=mesh, parts=parts, tokenizer=tokenizer, token_ids=token_ids, loader=loader,
+              eval_batches=eval_batches, total_steps=total_steps,
+              end=total_steps if stop_after is None else min(total_steps, stop_after), provenance=prov,
+              flops_per_token=metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, n_params, n_trainable),
+              peak_flops=metrics_lib.peak_flops(),
+              writer=metrics_lib.MetricsWriter(run_dir, tensorboard=cfg.output.tensorboard),
+              bar=metrics_lib.Progress(total_steps, initial=state.step, enabled=cfg.output.progress), ckpt=ckpt)
+    if metrics_lib.is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_recipe(cfg))
+        (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
+    if note:
+        run.bar.log(note)
+    run.bar.log(f"run {run_dir}: {total_steps} steps, mesh {dict(zip(MESH_AXES, mesh.devices.shape))}, "
+                f"{n_trainable:,} trainable of {n_params:,} params, {len(train_examples)} train / "
+                f"{len(val_examples)} val examples, {loader.steps_per_epoch} steps/epoch")
+    return run, state
 
 
 def load_model(cfg: RecipeConfig, mesh):
@@ -83,57 +135,6 @@ def load_model(cfg: RecipeConfig, mesh):
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, nnx.Rngs(cfg.train.seed))
     return model, tokenizer, token_ids
-
-
-def partition(cfg: RecipeConfig, model, token_ids, mesh, total_steps: int):
-    """`(graphdef, trainable, frozen, token_rows, tx, schedule)` with both partitions placed by the rules."""
-    from jaxtune.train.partition import split_trainable, trainable_filter
-    from jaxtune.train.optim import lr_schedule, make_optimizer
-    from jaxtune.train.vocab import split_model
-
-    check_rules(nnx.state(model, nnx.Param), mesh)
-    filt = trainable_filter(cfg.train.mode, cfg.train.freeze)
-    split_trainable(model, filt)
-    graphdef, trainable, frozen, token_rows = split_model(model, filt, token_ids)
-    trainable = jax.device_put(trainable, tree_shardings(trainable, mesh))
-    frozen = jax.device_put(frozen, tree_shardings(frozen, mesh))
-    tx = make_optimizer(cfg.optim, total_steps, trainable)
-    return graphdef, trainable, frozen, token_rows, tx, lr_schedule(cfg.optim, total_steps)
-
-
-def build_steps(cfg: RecipeConfig, trainable, tx, mesh, token_rows):
-    """`(opt_state, train_step, eval_step)`. The optimizer state is created with the shardings the step
-    pins its outputs to, so every call sees the same input layouts and the train step compiles once (built
-    without them, the second call compiles it again: ~4 s on the stories260K job)."""
-    from jaxtune.train.step import jit_eval_step, jit_train_step
-
-    trainable_sh = tree_shardings(trainable, mesh)
-    opt_sh = tree_shardings(jax.eval_shape(tx.init, trainable), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(trainable)
-    step_fn = jit_train_step(tx, mesh=mesh, trainable_shardings=trainable_sh, opt_shardings=opt_sh,
-                             loss_chunk=cfg.train.loss_chunk, token_rows=token_rows)
-    return opt_state, step_fn, jit_eval_step(mesh=mesh, loss_chunk=cfg.train.loss_chunk, token_rows=token_rows)
-
-
-def micro_rows(cfg: RecipeConfig, mesh) -> int:
-    """Rows per micro-batch; must split evenly over data×fsdp."""
-    k = cfg.optim.grad_accum_steps
-    rows = cfg.train.batch_size // k
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if rows % shards:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / optim.grad_accum_steps={k} = {rows} rows per "
-                          f"micro-batch do not split over mesh data×fsdp = {shards} devices; use a multiple of "
-                          f"{shards * k}")
-    if cfg.train.batch_size % jax.process_count():
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} hosts")
-    return rows
-
-
-def to_micro(batch: dict, k: int) -> dict:
-    """Host `[b, T]` → `[K, b/K, T]` for gradient accumulation (K = 1 keeps `[b, T]`)."""
-    if k == 1:
-        return batch
-    return {name: v.reshape(k, v.shape[0] // k, *v.shape[1:]) for name, v in batch.items()}
 
 
 def make_loaders(cfg: RecipeConfig, train_examples, val_examples, tokenizer):
@@ -159,18 +160,25 @@ def make_loaders(cfg: RecipeConfig, train_examples, val_examples, tokenizer):
     return loader, eval_batches
 
 
-def evaluate(eval_fn, graphdef, trainable, frozen, batches, mesh) -> dict | None:
-    if not batches:
-        return None
-    nll = correct = n = 0.0
-    for b in batches:
-        out = jax.device_get(eval_fn(graphdef, trainable, frozen, shard_batch(b, mesh)))
-        nll += float(out["nll_sum"])
-        correct += float(out["correct_sum"])
-        n += float(out["loss_tokens"])
-    if n == 0:
-        return None
-    return {"loss": nll / n, "perplexity": math.exp(min(nll / n, 700.0)), "accuracy": correct / n, "loss_tokens": n}
+def restore(ckpt: Checkpointer, loader, prov: dict, fresh: TrainState, *,
+            resume: bool) -> tuple[TrainState, str | None]:
+    """`(state, note)`: `fresh` for a new run; the latest checkpoint's state (and the loader moved to its
+    position) on `resume`. Refuses to start over a run dir that holds checkpoints without `resume`."""
+    latest = ckpt.latest_step()
+    if latest is not None and not resume:
+        raise ConfigError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
+                          "--resume to continue that run, or set a new output.run_dir")
+    if not resume:
+        return fresh, None
+    if latest is None:
+        return fresh, f"--resume: no checkpoint in {ckpt.directory} yet, starting at step 0"
+    trainable, opt_state, meta = ckpt.restore(None, fresh.trainable, fresh.opt_state)
+    _check_resume(meta, prov, ckpt.directory)
+    loader.set_state(meta["data_state"])
+    step = int(meta["step"])
+    key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+    return TrainState(step, trainable, opt_state, key, bad_in_row=int(meta.get("bad_in_row", 0)),
+                      last_saved=step), None
 
 
 def _check_resume(meta: dict, prov: dict, ckpt_dir: Path) -> None:
@@ -180,6 +188,64 @@ def _check_resume(meta: dict, prov: dict, ckpt_dir: Path) -> None:
             raise ConfigError(f"{ckpt_dir}: the {what} differs from the checkpoint's ({key} {old.get(key)} != "
                               f"{prov.get(key)}); an exact resume needs the same data and tokenizer, or start a "
                               "new output.run_dir")
+
+
+# --- the step ---------------------------------------------------------------------------------------------
+
+
+def to_micro(batch: dict, k: int) -> dict:
+    """Host `[b, T]` → `[K, b/K, T]` for gradient accumulation (K = 1 keeps `[b, T]`)."""
+    if k == 1:
+        return batch
+    return {name: v.reshape(k, v.shape[0] // k, *v.shape[1:]) for name, v in batch.items()}
+
+
+def run_step(run: Run, s: TrainState) -> None:
+    """One optimizer step on the next batch: updates `s` in place and fills `s.metrics`."""
+    p, k = run.parts, run.cfg.optim.grad_accum_steps
+    batch = to_micro(next(run.loader), k)
+    t0 = time.perf_counter()  # tokens/s counts the batch's transfer to the devices too
+    s.trainable, s.opt_state, m = p.train_step(p.graphdef, s.trainable, p.frozen, s.opt_state,
+                                               shard_batch(batch, run.mesh, accum=k > 1),
+                                               jax.random.fold_in(s.key, s.step))
+    m = {name: float(v) for name, v in jax.device_get(m).items()}
+    dt = time.perf_counter() - t0
+    s.step += 1
+    m["lr"] = float(p.schedule(s.step - 1))
+    m["tokens_per_s"] = m["tokens"] / dt
+    m["mfu"] = run.flops_per_token * m["tokens"] / dt / (run.peak_flops * run.mesh.size) if run.peak_flops else None
+    nan_guard(run, s, m.pop("finite"))
+    s.metrics, s.eval_loss = m, None
+    s.losses.append(m["loss"])
+
+
+def nan_guard(run: Run, s: TrainState, finite: bool) -> None:
+    """The step left the weights as they were if its loss or gradient was not finite (train/step.py); stop
+    at the first such step (`nan_policy: stop`) or after `max_bad_steps` in a row."""
+    t = run.cfg.train
+    if finite:
+        s.bad_in_row = 0
+        return
+    s.bad_in_row += 1
+    s.skipped += 1
+    run.bar.log(f"step {s.step}: non-finite loss or gradient; update skipped ({s.bad_in_row} in a row)")
+    if t.nan_policy == "stop" or s.bad_in_row >= t.max_bad_steps:
+        raise TrainingStopped(f"stopped at step {s.step} after {s.bad_in_row} non-finite step(s) in a row "
+                              f"(train.nan_policy={t.nan_policy}, max_bad_steps={t.max_bad_steps}); "
+                              f"checkpoint step {s.last_saved} is the last good one")
+
+
+# --- finish -----------------------------------------------------------------------------------------------
+
+
+def finish(run: Run, s: TrainState) -> RunResult:
+    """Export once the schedule is complete (not when `stop_after` ended this invocation early)."""
+    export_dir = None
+    if run.cfg.output.export and s.step == run.total_steps and metrics_lib.is_writer():
+        export_dir = export(run.cfg, run.model(s), run.tokenizer, run.token_ids, run.run_dir, run.bar.log)
+    return RunResult(run_dir=run.run_dir, step=s.step, total_steps=run.total_steps, losses=s.losses,
+                     eval_loss=s.eval_loss, compiles=run.parts.train_step._cache_size(), skipped_steps=s.skipped,
+                     export_dir=export_dir)
 
 
 def export(cfg: RecipeConfig, model, tokenizer, token_ids, run_dir: Path, log) -> Path:
@@ -201,132 +267,3 @@ def export(cfg: RecipeConfig, model, tokenizer, token_ids, run_dir: Path, log) -
                           chat_template=template)
         log(f"exported PEFT adapter to {out / 'adapter'}")
     return out
-
-
-def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
-    """Run (or resume) the recipe. `stop_after` ends this invocation once that many steps are done
-    (checkpointing there) without changing the schedule, as a preempted job would."""
-    from jaxtune.data.prepare import prepare_dataset
-    from jaxtune.lora.apply import count_params
-
-    maybe_initialize_distributed()
-    t_cfg = cfg.train
-    if t_cfg.compile_cache:
-        enable_compile_cache()
-    run_dir = Path(cfg.output.run_dir)
-    mesh = build_mesh(cfg)
-    micro_rows(cfg, mesh)
-    model, tokenizer, token_ids = load_model(cfg, mesh)
-    train_examples, val_examples, report = prepare_dataset(cfg.data, tokenizer)
-    loader, eval_batches = make_loaders(cfg, train_examples, val_examples, tokenizer)
-    total_steps = t_cfg.steps or loader.total_steps
-    k = cfg.optim.grad_accum_steps
-    graphdef, trainable, frozen, token_rows, tx, schedule = partition(cfg, model, token_ids, mesh, total_steps)
-    opt_state, step_fn, eval_fn = build_steps(cfg, trainable, tx, mesh, token_rows)
-    current = lambda: merge_model(graphdef, trainable, frozen, token_rows)  # noqa: E731
-
-    prov = provenance(data_hash=content_hash(train_examples), tokenizer=tokenizer)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t_cfg.keep_last, keep_best=t_cfg.keep_best,
-                        async_save=t_cfg.async_checkpoint)
-    key = jax.random.key(t_cfg.seed)
-    start, bad_in_row = 0, 0
-    if ckpt.latest_step() is not None and not resume:
-        raise ConfigError(f"{ckpt.directory} already holds checkpoints (latest step {ckpt.latest_step()}); pass "
-                          "--resume to continue that run, or set a new output.run_dir")
-    note = None
-    if resume and ckpt.latest_step() is None:
-        note = f"--resume: no checkpoint in {ckpt.directory} yet, starting at step 0"
-    elif resume:
-        trainable, opt_state, meta = ckpt.restore(None, trainable, opt_state)
-        _check_resume(meta, prov, ckpt.directory)
-        loader.set_state(meta["data_state"])
-        key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
-        start, bad_in_row = int(meta["step"]), int(meta.get("bad_in_row", 0))
-
-    writer = metrics_lib.MetricsWriter(run_dir, tensorboard=cfg.output.tensorboard)
-    bar = metrics_lib.Progress(total_steps, initial=start, enabled=cfg.output.progress)
-    if metrics_lib.is_writer():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_recipe(cfg))
-        (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
-    n_trainable = count_params(trainable)
-    if note:
-        bar.log(note)
-    bar.log(f"run {run_dir}: {total_steps} steps, mesh {dict(zip(MESH_AXES, mesh.devices.shape))}, "
-            f"{n_trainable:,} trainable of {model.config.num_params():,} params, "
-            f"{len(train_examples)} train / {len(val_examples)} val examples, {loader.steps_per_epoch} steps/epoch")
-    flops_tok = metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, model.config.num_params(),
-                                                  n_trainable)
-    peak = metrics_lib.peak_flops()
-    monitor = None
-    if cfg.forgetting is not None and t_cfg.forgetting_every:
-        from jaxtune.eval.forgetting import ForgettingMonitor
-
-        monitor = ForgettingMonitor(tokenizer, cfg.forgetting, run_dir=run_dir, mesh=mesh)
-        base = monitor.baseline(current())  # a resumed run reloads the recorded baseline from the run dir
-        if start == 0:
-            writer.write(0, base, "forgetting")
-
-    def meta_for(step, eval_loss):
-        return {"step": step, "rng": np.asarray(jax.random.key_data(key)).tolist(), "data_state": loader.get_state(),
-                "config": to_dict(cfg), "provenance": prov, "eval_loss": eval_loss, "bad_in_row": bad_in_row}
-
-    losses, skipped, eval_loss, last_saved = [], 0, None, start
-    end = total_steps if stop_after is None else min(total_steps, stop_after)
-    step = start
-    with gc_frozen():
-        try:
-            while step < end:
-                batch = to_micro(next(loader), k)
-                t0 = time.perf_counter()
-                trainable, opt_state, m = step_fn(graphdef, trainable, frozen, opt_state,
-                                                  shard_batch(batch, mesh, accum=k > 1), jax.random.fold_in(key, step))
-                m = {name: float(v) for name, v in jax.device_get(m).items()}
-                dt = time.perf_counter() - t0
-                step += 1
-                m["lr"] = float(schedule(step - 1))
-                m["tokens_per_s"] = m["tokens"] / dt
-                m["mfu"] = flops_tok * m["tokens"] / dt / (peak * mesh.size) if peak else None
-                if not m.pop("finite"):
-                    bad_in_row += 1
-                    skipped += 1
-                    bar.log(f"step {step}: non-finite loss or gradient; update skipped ({bad_in_row} in a row)")
-                    if t_cfg.nan_policy == "stop" or bad_in_row >= t_cfg.max_bad_steps:
-                        raise TrainingStopped(
-                            f"stopped at step {step} after {bad_in_row} non-finite step(s) in a row "
-                            f"(train.nan_policy={t_cfg.nan_policy}, max_bad_steps={t_cfg.max_bad_steps}); "
-                            f"checkpoint step {last_saved} is the last good one")
-                else:
-                    bad_in_row = 0
-                losses.append(m["loss"])
-                writer.write(step, m)
-                bar.update(m)
-                if step % t_cfg.log_every == 0 or step == end:
-                    bar.log(metrics_lib.format_line(step, total_steps, m))
-                save_now = (t_cfg.save_every and step % t_cfg.save_every == 0) or step == end
-                eval_now = (t_cfg.eval_every and step % t_cfg.eval_every == 0) or step == total_steps or (
-                    save_now and t_cfg.keep_best)
-                eval_loss = None
-                if eval_now and eval_batches:
-                    ev = evaluate(eval_fn, graphdef, trainable, frozen, eval_batches, mesh)
-                    if ev is not None:
-                        eval_loss = ev["loss"]
-                        writer.write(step, ev, "eval")
-                        bar.log(metrics_lib.format_line(step, total_steps, ev, "eval"))
-                if monitor is not None and step % t_cfg.forgetting_every == 0:
-                    res = monitor.measure(current(), step)
-                    writer.write(step, res, "forgetting")
-                if save_now:
-                    ckpt.save(step, trainable, opt_state, meta_for(step, eval_loss), eval_loss)
-                    last_saved = step
-        finally:
-            bar.close()
-            writer.close()
-            ckpt.close()
-
-    export_dir = None
-    if cfg.output.export and step == total_steps:
-        if metrics_lib.is_writer():
-            export_dir = export(cfg, current(), tokenizer, token_ids, run_dir, bar.log)
-    return RunResult(run_dir=run_dir, step=step, total_steps=total_steps, losses=losses, eval_loss=eval_loss,
-                     compiles=step_fn._cache_size(), skipped_steps=skipped, export_dir=export_dir)

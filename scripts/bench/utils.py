@@ -1,9 +1,17 @@
 """Shared by `scripts/bench_*.py`: model presets, synthetic batches, timing summaries, peak memory, the
-software/machine record, markdown tables and the worker processes each side runs in.
+software/machine record, markdown tables, the options and outputs every benchmark has, and the worker
+processes each side runs in.
 
-Imports only the standard library and numpy (`jaxtune.cpu_runtime` is standard library too), so a benchmark's
+Imports only the standard library and numpy (`jaxtune.runtime` is standard library too), so a benchmark's
 PyTorch side never loads JAX (and the other way round): each side runs in its own process and its peak memory
 is its own.
+
+Process defaults: a worker marked `@jaxtune_side` starts with `jaxtune.runtime.apply_cpu_defaults()` (the
+XLA:CPU flag and the malloc setting, as the `jaxtune` command does), applied by `dispatch_worker` before the
+worker imports jax (`jax_env` turns `--plain-xla` into the flag's opt-out for it). A PyTorch-side worker
+starts with the malloc setting alone (`tune_malloc`), as every worker did while these helpers were part of
+the package (importing it applied both), which is how the PyTorch workers' CPU figures in docs/benchmarks.md
+were measured. `JAXTUNE_CPU_MALLOC=0` turns it off on both sides.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtune.runtime import FAST_CPU_XLA_FLAGS, MALLOC_OPT_OUT_VAR, OPT_OUT_VAR  # standard library only
+from jaxtune import runtime  # standard library only
+from jaxtune.runtime import FAST_CPU_XLA_FLAGS, MALLOC_OPT_OUT_VAR, OPT_OUT_VAR
 
 # Llama-architecture shapes (transformers `LlamaConfig` keyword arguments); weights are random.
 PRESETS: dict[str, dict] = {
@@ -60,11 +69,12 @@ RUN_DEFAULTS: dict[tuple[str, str], dict] = {
 
 
 def jax_env(platform: str, fast_cpu_flags: bool = True) -> dict:
-    """Environment additions for a JAX worker. On CPU, XLA_FLAGS with `FAST_CPU_XLA_FLAGS` (jaxtune's default
-    there, `jaxtune/cpu_runtime.py`), or without it and with that default turned off (`--plain-xla`). Importing
-    jaxtune may already have appended the flag to this process's XLA_FLAGS, which a worker inherits, so it
-    is taken out first. A `JAXTUNE_CPU_MALLOC` setting is repeated so that the table's note shows it.
-    Nothing on GPU (the flag is CPU-only)."""
+    """Environment additions for a jaxtune-side worker. On CPU, XLA_FLAGS with `FAST_CPU_XLA_FLAGS` (jaxtune's
+    default there, `jaxtune/runtime.py`), or without it and with that default turned off (`--plain-xla`: the
+    worker's `apply_cpu_defaults()` then leaves the flag out and still sets malloc). This process's
+    XLA_FLAGS, which a worker inherits, may hold the flag already (from the caller's environment), so it is
+    taken out first. A `JAXTUNE_CPU_MALLOC` setting is repeated so that the table's note shows it. Nothing
+    on GPU (the flag is CPU-only)."""
     if platform != "cpu":
         return {}
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f != FAST_CPU_XLA_FLAGS]
@@ -76,9 +86,11 @@ def jax_env(platform: str, fast_cpu_flags: bool = True) -> dict:
 
 def torch_env() -> dict:
     """Environment additions for a PyTorch worker: OpenMP threads that sleep instead of spinning at
-    barriers. On a shared CPU spinning made TRL steps 5–15× slower at random; on a quiet one it changes
-    nothing measurable (docs/benchmarks.md)."""
-    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    barriers (on a shared CPU spinning made TRL steps several times slower at random; on a quiet one it
+    changed nothing measurable: docs/benchmarks.md). A `JAXTUNE_CPU_MALLOC` setting is repeated so that the
+    table's note shows it."""
+    malloc = {MALLOC_OPT_OUT_VAR: os.environ[MALLOC_OPT_OUT_VAR]} if MALLOC_OPT_OUT_VAR in os.environ else {}
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), **malloc}
 
 
 def env_note(env: dict) -> str:
@@ -208,6 +220,22 @@ def fmt_bytes(n: int | None) -> str | None:
     return str(n)
 
 
+def torch_llama(preset: str, dtype, device, **config):
+    """transformers `LlamaForCausalLM` of `preset` with random weights created in `dtype` on `device`
+    (`config`: more `LlamaConfig` keywords, e.g. `attn_implementation`). PyTorch side only."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**hf_config_kwargs(preset), **config)
+    with torch.device(device):
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            return transformers.LlamaForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+
+
 def run_worker(argv: list[str], *, timeout: float, env: dict | None = None, python: str | None = None) -> dict:
     """Run `python argv... --result FILE` in a fresh process; its JSON result, or `{"error": ...}` with the
     tail of its output when it fails or times out (a benchmark reports the failure and goes on)."""
@@ -236,50 +264,63 @@ def write_result(path: str | None, data: dict) -> None:
 
 
 # A benchmark runs each side by calling itself as a worker: `script --worker NAME --settings JSON --result FILE`.
-def add_worker_args(parser: argparse.ArgumentParser, workers) -> None:
-    """The hidden options of a worker process; `workers`: the worker names (or the dict `dispatch_worker` takes)."""
+def add_run_args(parser: argparse.ArgumentParser, workers, *, timeout: float, out: str) -> None:
+    """The options every two-sided benchmark has: `--plain-xla`, `--timeout` (per worker, seconds; default
+    `timeout`), `--out` (directory for `out`), and the hidden options of a worker process (`workers`: the
+    worker names, or the dict `dispatch_worker` takes)."""
+    parser.add_argument("--plain-xla", action="store_true",
+                        help="CPU: run jaxtune without its XLA:CPU flag (jaxtune.runtime.FAST_CPU_XLA_FLAGS)")
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per worker process")
+    parser.add_argument("--out", help=f"directory for {out}")
     parser.add_argument("--worker", choices=tuple(workers), help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
 
 
+def jaxtune_side(worker):
+    """Marks a worker that imports jax: `dispatch_worker` applies jaxtune's CPU process defaults before it runs."""
+    worker.jaxtune_side = True
+    return worker
+
+
 def dispatch_worker(args: argparse.Namespace, workers: dict) -> bool:
-    """In a worker process (`--worker NAME`): run `workers[NAME](settings)` and write its result; True.
-    False in the parent (no `--worker`)."""
+    """In a worker process (`--worker NAME`): apply the process defaults of its side (module docstring), run
+    `workers[NAME](settings)` and write its result; True. False in the parent (no `--worker`)."""
     if not args.worker:
         return False
-    write_result(args.result, workers[args.worker](json.loads(args.settings)))
+    worker = workers[args.worker]
+    if getattr(worker, "jaxtune_side", False):
+        runtime.apply_cpu_defaults()  # before the worker imports jax; each default keeps its opt-out
+    else:
+        runtime.tune_malloc()
+    write_result(args.result, worker(json.loads(args.settings)))
     return True
 
 
 def spawn_worker(script: str, worker: str, settings: dict, *, timeout: float, env: dict | None = None,
-                 python: str | None = None) -> dict:
-    """`run_worker` on `script --worker WORKER --settings JSON` (the parent's side of `dispatch_worker`)."""
-    return run_worker([script, "--worker", worker, "--settings", json.dumps(settings)], timeout=timeout, env=env,
-                      python=python)
+                 python: str | None = None, label: str | None = None) -> dict:
+    """`run_worker` on `script --worker WORKER --settings JSON` (the parent's side of `dispatch_worker`); a
+    failure's error and log go to stderr under `[label]` (default: the worker's name)."""
+    r = run_worker([script, "--worker", worker, "--settings", json.dumps(settings)], timeout=timeout, env=env,
+                   python=python)
+    if "error" in r:
+        print(f"[{label or worker}] {r['error']}\n{r.get('log', '')}", file=sys.stderr)
+    return r
 
 
-def flops_per_token(preset_or_cfg, seq: int, mode: str, lora_rank: int = 16) -> tuple[float, int, int]:
-    """`(train FLOPs per token, params, trainable params)` with `train.metrics.train_flops_per_token`, from the
-    analytic parameter count (LoRA all-linear adapters: rank·(in + out) per linear per layer)."""
-    from jaxtune.model.config import from_hf_config
-    from jaxtune.train.metrics import train_flops_per_token
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that ran `script` (for a report's `Command:` line)."""
+    return f"python scripts/{script} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
 
-    cfg = preset_or_cfg
-    if isinstance(preset_or_cfg, str):
-        import transformers
 
-        cfg = from_hf_config(transformers.LlamaConfig(**hf_config_kwargs(preset_or_cfg)))
-    n = cfg.num_params()
-    if mode == "lora":
-        d, f = cfg.hidden_size, cfg.intermediate_size
-        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-        per_layer = (d + q) + 2 * (d + kv) + (q + d) + 2 * (d + f) + (f + d)
-        trainable = lora_rank * per_layer * cfg.num_hidden_layers
-        n += trainable
-    else:
-        trainable = n
-    return train_flops_per_token(cfg, seq, n, trainable), n, trainable
+def write_outputs(out: str | None, stem: str, text: str, data: dict) -> None:
+    """A report as `out/stem.md` and its raw results as `out/stem.json` (nothing without `out`)."""
+    if not out:
+        return
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{stem}.md").write_text(text)
+    (path / f"{stem}.json").write_text(json.dumps(data, indent=2, default=str))
 
 
 def peak_bf16_flops(device_kind: str | None) -> float | None:

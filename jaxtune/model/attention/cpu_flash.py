@@ -1,11 +1,13 @@
-"""`cpu_flash`: a fused flash-attention kernel for XLA:CPU (`cpu_attention.cc`) behind the attention interface.
+"""`cpu_flash`: a fused flash-attention kernel for XLA:CPU (`cpu_flash.cc`), called through the XLA FFI.
 
-XLA:CPU runs attention as separate passes (matmuls with a contraction of head_dim, then mask, exp, sum),
-each at a few GFLOP/s when head_dim is small; the C++ kernel keeps a 64-key tile in registers across all of
-them, for the forward and for a recomputing backward. It is compiled on first use with the system C++
-compiler against the FFI headers that ship with jaxlib, and cached under `$JAXTUNE_CACHE_DIR/kernels`
-(default `~/.cache/jaxtune`, `jaxtune/cache.py`), keyed by the source, jaxlib version, compiler flags and CPU.
-Without a compiler the `auto` choice falls back to `blockwise` (with one warning); asking for `cpu_flash` then raises.
+XLA:CPU runs attention as separate passes (matmuls contracting over head_dim, then mask, exp, sum), each far
+below peak when head_dim is small; the C++ kernel keeps a 64-key tile in registers across all of them, for
+the forward and for a recomputing backward.
+
+`ensure_built()` compiles it with the system C++ compiler against the FFI headers that ship with jaxlib and
+caches it under `$JAXTUNE_CACHE_DIR/kernels` (`jaxtune/cache.py`), keyed by the source, jaxlib version,
+compiler, flags and CPU. The model calls it (through `attention.prepare`) before anything traces; tracing
+never builds. Where it cannot be built `auto` uses `blockwise` (with one warning) and naming `cpu_flash` raises.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -32,7 +36,7 @@ from jaxtune.cache import cache_dir
 Array = jax.Array
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_attention.cc")
+SOURCE = Path(__file__).with_name("cpu_flash.cc")
 HEAD_DIMS = (8, 16, 32, 64, 96, 128, 256)  # JAXTUNE_HEAD_DIMS in the source; others are zero-padded up
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _FWD, _BWD = "jaxtune_cpu_flash_fwd", "jaxtune_cpu_flash_bwd"
@@ -56,17 +60,23 @@ def _compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
 
 
+def _key(cxx: str) -> str:
+    parts = [SOURCE.read_bytes(), importlib.metadata.version("jaxlib").encode(), cxx.encode(), " ".join(FLAGS).encode(),
+             _cpu_id().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
 def library_path() -> Path:
-    """Build the shared library if needed (atomic rename, so concurrent builders cannot clash)."""
+    """The built shared library, compiled first if this machine has none; prints one line while it compiles.
+    The build goes to a temporary file renamed into place, so concurrent builders cannot clash."""
     cxx = _compiler()
     if cxx is None:
         raise KernelUnavailable("no C++ compiler found (set CXX or install g++)")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, importlib.metadata.version("jaxlib").encode(), cxx.encode(),
-                                     " ".join(FLAGS).encode(), _cpu_id().encode()])).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
+    out = cache_dir() / "kernels" / f"cpu_flash-{_key(cxx)}.so"
     if out.exists():
         return out
+    print(f"jaxtune: building the cpu_flash attention kernel with {cxx} (once per machine)", file=sys.stderr,
+          flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
@@ -85,22 +95,34 @@ def library_path() -> Path:
     return out
 
 
-@functools.lru_cache(maxsize=None)
-def _register() -> None:
-    lib = ctypes.CDLL(str(library_path()))
+def _load(path: Path) -> None:
+    lib = ctypes.CDLL(str(path))
     jax.ffi.register_ffi_target(_FWD, jax.ffi.pycapsule(lib.JaxtuneFlashFwd), platform="cpu")
     jax.ffi.register_ffi_target(_BWD, jax.ffi.pycapsule(lib.JaxtuneFlashBwd), platform="cpu")
 
 
-@functools.lru_cache(maxsize=None)
+_ready: bool | None = None  # None until ensure_built() has run
+_lock = threading.Lock()
+
+
+def ensure_built() -> bool:
+    """Build (when this machine has no build) and register the kernel, once per process; False, with one
+    warning, where it cannot be built. Call it before tracing: the kernel is never built inside a trace."""
+    global _ready
+    with _lock:
+        if _ready is None:
+            try:
+                _load(library_path())
+                _ready = True
+            except (KernelUnavailable, OSError) as e:
+                log.warning("cpu_flash attention unavailable, using blockwise: %s", e)
+                _ready = False
+    return _ready
+
+
 def available() -> bool:
-    """Whether the kernel is built and registered; logs the reason once when it is not."""
-    try:
-        _register()
-        return True
-    except (KernelUnavailable, OSError) as e:
-        log.warning("cpu_flash attention unavailable, using blockwise: %s", e)
-        return False
+    """Whether `ensure_built()` has built and registered the kernel. Never builds: safe while tracing."""
+    return bool(_ready)
 
 
 def supports(q: Array, k: Array) -> bool:
@@ -145,14 +167,16 @@ def _flash(window: int, scale: float):
     return f
 
 
-def cpu_flash_attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array,
-                        window: int | None, sliding: Array | bool = True) -> Array:
-    """Attention of `q[B,T,H,D]` over `k,v[B,S,K,D]` with `attention.visibility`, computed in fp32."""
+def attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array,
+              window: int | None, sliding: Array | bool = True) -> Array:
+    """Attention of `q[B,T,H,D]` over `k,v[B,S,K,D]` under the visibility rule (`mask.py`), in fp32."""
     if not supports(q, k):
         raise ValueError(f"cpu_flash supports head_dim <= {HEAD_DIMS[-1]} and query heads divisible by KV "
                          f"heads; got q {q.shape}, k {k.shape}")
     if not available():
-        raise KernelUnavailable("cpu_flash attention is unavailable on this machine (see the warning above)")
+        raise KernelUnavailable("cpu_flash attention is unavailable on this machine (see the warning above)"
+                                if _ready is False else "cpu_flash attention is not built: call ensure_built() "
+                                "(models do, through attention.prepare) before tracing")
     i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
     d = q.shape[-1]

@@ -1,14 +1,14 @@
-// Fused flash attention for XLA:CPU, registered through the XLA FFI (see cpu_attention.py).
+// Fused flash attention for XLA:CPU, registered through the XLA FFI (see cpu_flash.py).
 //
-// Why: at small head dims XLA:CPU runs each attention matmul (contraction 8) at a few GFLOP/s and every
-// softmax stage is a separate pass over memory. Here one query row at a time (16 rows, one per vector lane,
-// in the forward for heads of 16 dims or fewer) meets a 64-key tile that stays in registers/L1 across the
-// score, mask, exp, sum and the P·V / gradient products.
+// Why: at small head dims XLA:CPU runs each attention matmul far below peak and every softmax stage is a
+// separate pass over memory. Here one query row at a time (16 rows, one per vector lane, in the forward for
+// heads of 16 dims or fewer) meets a 64-key tile that stays in registers/L1 across the score, mask, exp, sum
+// and the P·V / gradient products.
 //
 // Layouts (row-major): q [B,T,H,D], k/v [B,S,K,D] (GQA: query head h uses KV head h / (H/K)),
 // q_idx/q_seg [B,T], k_idx/k_seg [B,S] int32, sliding [1] int32. Key j is visible from query i iff
 // k_idx <= q_idx, q_seg == k_seg != 0, and (window < 0 || !sliding || q_idx - window < k_idx): the rule of
-// attention.visibility. Key tiles that no row of a query tile can see (by min/max slot index) are skipped,
+// visibility in mask.py. Key tiles that no row of a query tile can see (by min/max slot index) are skipped,
 // which for causal self-attention skips the upper triangle. Rows that see no key give out 0 and lse +inf.
 #include <algorithm>
 #include <atomic>
@@ -382,8 +382,8 @@ void forward_rows(ffi::ThreadPool& pool, const Shape& s, const float* q, const f
   });
 }
 
-// Narrow heads run rows in lanes, wider ones keys in lanes: measured on AVX-512, `forward_rows` is
-// 1.3-1.7x faster at D = 8 and 16 and slower at 32 and 64, where `forward` keeps its accumulators in registers.
+// Narrow heads run rows in lanes, wider ones keys in lanes, where `forward` keeps its accumulators in
+// registers (docs/benchmarks.md has the comparison).
 template <int D>
 void forward_any(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
                  const Mask& m, float scale, float* out, float* lse) {
