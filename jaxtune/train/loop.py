@@ -98,7 +98,11 @@ def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[
     ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_last, keep_best=t.keep_best,
                         async_save=t.async_checkpoint)
     fresh = TrainState(step=0, trainable=trainable, opt_state=opt_state, key=jax.random.key(t.seed))
-    state, note = restore(ckpt, loader, prov, fresh, resume=resume)
+    try:
+        state, note = restore(ckpt, loader, prov, fresh, resume=resume)
+    except BaseException:
+        ckpt.close()  # a refused resume must not leave the checkpoint manager's threads behind
+        raise
 
     n_params, n_trainable = model.config.num_params(), count_params(trainable)
     run = Run(cfg=cfg, mesh=mesh, parts=parts, tokenizer=tokenizer, token_ids=token_ids, loader=loader,
