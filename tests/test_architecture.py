@@ -18,7 +18,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxtune"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("jaxtune.version", "jaxtune.runtime", "jaxtune.cache", "jaxtune.jsonl", "jaxtune.files", "jaxtune.assets"),
+    ("jaxtune.version", "jaxtune.runtime", "jaxtune.cache", "jaxtune.jsonl", "jaxtune.files", "jaxtune.assets",
+     "jaxtune.faults"),
     ("jaxtune.model",),
     ("jaxtune.hf",),
     ("jaxtune.lora",),

@@ -1,0 +1,17 @@
+"""Fault-injection points for crash-safety tests: `JAXTUNE_FAULT=<name>` makes the process exit at once
+(no cleanup, as a kill would) when it reaches `fault_point("<name>")`. Unset, a point costs one dict lookup."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXIT_CODE = 97  # what a test expects from a process stopped at a fault point
+
+
+def fault_point(name: str) -> None:
+    """Exit immediately if `JAXTUNE_FAULT` names this point (comma-separated names allowed)."""
+    wanted = os.environ.get("JAXTUNE_FAULT")
+    if wanted and name in wanted.split(","):
+        print(f"[jaxtune] fault injected at {name!r}: exiting", file=sys.stderr, flush=True)
+        os._exit(EXIT_CODE)
