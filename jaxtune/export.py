@@ -1,8 +1,10 @@
 """Export back to Hugging Face: a merged checkpoint `transformers` loads, and (re-exported from
 `jaxtune.lora.peft`) PEFT adapters both ways.
 
-Every directory is written atomically: into a temp dir beside the target, then swapped in by rename, so
-an interrupted export leaves the previous output as it was.
+Every directory is written atomically (`jaxtune.files.atomic_dir`): into a temp dir beside the target, then
+swapped in, so an interrupted export leaves the previous output as it was; only an absent or empty target or a
+previous jaxtune export is replaced unless `force=True`, and never the source model, a run directory or the
+current directory.
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from jaxtune.faults import fault_point
 from jaxtune.files import atomic_dir
 from jaxtune.generate import stop_token_ids
 from jaxtune.hf.save import hf_config_from_model, hf_config_from_source, hf_tensors, save_tokenizer, save_weights
 from jaxtune.lora.peft import load_peft_adapter, save_peft_adapter
 from jaxtune.model.config import DTYPES, parse_dtype
 
-__all__ = ["save_merged", "save_peft_adapter", "load_peft_adapter"]
+__all__ = ["load_peft_adapter", "save_merged", "save_peft_adapter"]
 
 
 def _generation_config(model_config, tokenizer, chat_template, extra, source_dir) -> dict:
@@ -50,22 +53,24 @@ def _export_dtype(dtype, source_dir, model):
 
 
 def save_merged(model, tokenizer, out_dir: str | Path, *, source_dir: str | Path | None = None, dtype=None,
-                chat_template: str | None = None, stop_ids=(), max_shard_size: int | str = "5GB") -> Path:
+                chat_template: str | None = None, stop_ids=(), max_shard_size: int | str = "5GB", force: bool = False,
+                protect: dict[str, str | Path | None] | None = None) -> Path:
     """Write an HF checkpoint of `model` with any LoRA merged (fp32 math, one cast) that
     `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors (sharded above `max_shard_size`),
     `config.json` (the source's, with only changed fields rewritten), tokenizer files with `chat_template`
     (the one training used) and `generation_config.json` listing every stop id. `dtype` defaults to the
-    source checkpoint's dtype; `tokenizer` may be None."""
+    source checkpoint's dtype; `tokenizer` may be None. `force` replaces a directory jaxtune did not write;
+    `protect` (label → path, e.g. the adapter dir) names more directories the target must not be or contain."""
     out = Path(out_dir)
-    if source_dir is not None and out.resolve() == Path(source_dir).resolve():
-        raise ValueError(f"export target {out} is the source model directory; choose a new --out directory")
     dt = _export_dtype(dtype, source_dir, model)
     cfg = model.config
     config = (hf_config_from_source(cfg, Path(source_dir), dt) if source_dir is not None
               else hf_config_from_model(cfg, dt))
     generation = _generation_config(cfg, tokenizer, chat_template, stop_ids, source_dir)
-    with atomic_dir(out) as tmp:
+    guarded = {"the source model directory": source_dir, **(protect or {})}
+    with atomic_dir(out, kind="merged", force=force, protect=guarded) as tmp:
         save_weights(hf_tensors(model, dt), tmp, max_shard_size)
+        fault_point("export.writing")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:

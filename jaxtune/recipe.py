@@ -9,13 +9,9 @@ unknown key`); `--set train.steps=50` overrides any key before validation. Secti
 
 from __future__ import annotations
 
-import dataclasses
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
 
 import yaml
 
@@ -24,6 +20,7 @@ from jaxtune.eval.forgetting import ForgettingConfig
 from jaxtune.lora.config import LoraConfig
 from jaxtune.model.config import ATTENTION_IMPLS, DTYPES, REMAT_POLICIES
 from jaxtune.model.sharding import MESH_AXES
+from jaxtune.structs import from_dict, show, to_dict
 from jaxtune.train.optim import OptimConfig
 
 NAN_POLICIES = ("skip", "stop")
@@ -154,126 +151,23 @@ class RecipeConfig:
         return "float32" if self.train.mode == "full" else self.model.dtype
 
 
-# ------------------------------------------------------------------------------------------- validation
-
-
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (list, tuple):
-        return "a list"
-    if origin is dict:
-        return "a mapping"
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(tp, value, key: str):
-    """`value` checked against annotation `tp` (dataclass, Optional/Union, list/tuple/dict, scalars)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for arg in options:
-            try:
-                return _coerce(arg, value, key)
-            except ValueError as e:
-                errors.append(e)
-        deeper = [e for e in errors if len(options) == 1 or str(e).startswith((f"{key}.", f"{key}["))]
-        if deeper:
-            raise deeper[0]
-        names = " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-        raise ValueError(f"{key}: expected {names}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
-    if origin in (list, tuple):
-        if origin is tuple and isinstance(value, dict) and args and typing.get_origin(args[0]) is tuple:
-            value = list(value.items())
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ValueError(f"{key}: expected {len(args)} items, got {value!r}")
-            return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
-        kt, vt = args or (Any, Any)
-        return {_coerce(kt, k, key): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    if isinstance(tp, type) and not isinstance(value, tp):
-        raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-    return value
-
-
-def from_dict(cls, data, key: str = ""):
-    """Build dataclass `cls` from a mapping, refusing unknown keys, missing required keys and wrong types;
-    errors carry the dotted key path."""
-    where = key or "recipe"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        path = f"{key}.{unknown[0]}" if key else str(unknown[0])
-        raise ValueError(f"{path}: unknown key; {where} takes {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        path = f"{key}.{name}" if key else name
-        if name not in data:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ValueError(f"{path}: required key is missing")
-            continue
-        kwargs[name] = _coerce(hints[name], data[name], path)
-    try:
-        return cls(**kwargs)
-    except ValueError as e:
-        msg = str(e)
-        named = not key or msg.startswith((f"{key}.", f"{key}:", f"{key}=")) or ":" in msg.split(" ")[0]
-        raise ValueError(msg if named else f"{key}: {msg}") from None
-
-
-def to_dict(cfg) -> dict:
-    """Plain YAML/JSON-able dict of a (resolved) config: tuples become lists."""
-
-    def plain(x):
-        if dataclasses.is_dataclass(x):
-            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        if isinstance(x, dict):
-            return {k: plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        return x
-
-    return plain(cfg)
-
-
 # ------------------------------------------------------------------------------------------- YAML + overrides
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not the string PyYAML's 1.1 rules give."""
+    """SafeLoader that reads `1e-4` as a float (YAML 1.2), not the string PyYAML's 1.1 rules give, and
+    refuses a key given twice in one mapping (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for k, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                key = self.construct_object(k)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {seen[key]})", k.start_mark)
+                seen[key] = k.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -318,23 +212,47 @@ def _line_for(lines: dict[str, int], msg: str) -> int | None:
     return None
 
 
+def _arg(item: str) -> str:
+    """A `--set` argument as typed, quoted when it holds line breaks or control characters."""
+    return item if item.isprintable() else repr(item)
+
+
+def _yaml_error(e: yaml.YAMLError, text: str) -> tuple[int | None, str]:
+    """(1-based line or None, PyYAML's problem on one line without its `in "<unicode string>"` blocks)."""
+    if isinstance(e, yaml.reader.ReaderError):
+        return text.count("\n", 0, e.position) + 1, f"character {e.character!r} is not allowed ({e.reason})"
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    if not isinstance(e, yaml.MarkedYAMLError):
+        return None, " ".join(str(e).split())
+    detail = " ".join(x for x in (e.context, e.problem) if x)
+    return (mark.line + 1, f"{detail} (column {mark.column + 1})") if mark else (None, detail)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """`["train.steps=50", "lora.rank=8"]` → values (parsed as YAML scalars/lists) set at those key paths."""
+    """`["train.steps=50", "lora.rank=8"]` → values (parsed as YAML scalars/lists) set at those key paths.
+
+    A missing or null section on the path is created; a path through a value that is not a mapping is an
+    error, since setting it would silently drop that value."""
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--set {item!r}: expected KEY.PATH=VALUE, e.g. --set train.steps=50")
+        parts = key.split(".")
+        bad = next((p for p in parts if not p or p != p.strip() or not p.isprintable()), None)
+        if not sep or bad is not None:
+            raise ConfigError(f"--set {_arg(item)}: expected KEY.PATH=VALUE with non-empty keys joined by single "
+                              f"dots, e.g. --set train.steps=50" + (f" (key component {bad!r})" if sep else ""))
         try:
             parsed = _load_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {e}") from None
+            raise ConfigError(f"--set {_arg(item)}: value is not valid YAML: {_yaml_error(e, value)[1]}") from None
         node = raw
-        *parents, last = key.strip().split(".")
-        for p in parents:
-            if not isinstance(node.get(p), dict):
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is None:
                 node[p] = {}
+            elif not isinstance(node[p], dict):
+                raise ConfigError(f"--set {_arg(item)}: {'.'.join(parts[:i + 1])} is {show(node[p])}, not a "
+                                  f"mapping, so it has no key {parts[i + 1]!r}")
             node = node[p]
-        node[last] = parsed
+        node[parts[-1]] = parsed
     return raw
 
 
@@ -359,27 +277,44 @@ def _resolve_paths(raw: dict, recipe_dir: Path) -> dict:
     return raw
 
 
+def _blame(msg: str, overrides: list[str], lines: dict[str, int]) -> str | None:
+    """The `--set` an error is about: one whose key path the error's path lies under, or one that introduced
+    the error's key (a key or section absent from the YAML)."""
+    m = re.match(r"[^\s:=]+", msg)
+    err = m.group(0).split(".") if m else []
+    for item in overrides:
+        key = item.partition("=")[0].split(".")
+        introduced = next((key[:i] for i in range(1, len(key) + 1) if ".".join(key[:i]) not in lines), None)
+        if err[:len(key)] == key or (introduced and err[:len(introduced)] == introduced):
+            return item
+    return None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
     """Read, override, resolve paths and validate one recipe file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
-    text = path.read_text()
     try:
-        raw = _load_yaml(text) or {}
+        text = path.read_bytes().decode("utf-8-sig")
+        raw = _load_yaml(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        line, detail = _yaml_error(e, text)
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: not valid YAML: {detail}") from None
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of sections (model:, data:, train:, …)")
-    apply_overrides(raw, list(overrides or []))
+    overrides, lines = list(overrides or []), _key_lines(text)
+    apply_overrides(raw, overrides)
     _resolve_paths(raw, path.resolve().parent)
     try:
         return from_dict(RecipeConfig, raw)
     except ValueError as e:
         msg = str(e)
-        line = _line_for(_key_lines(text), msg)
-        overridden = [o for o in overrides or [] if msg.startswith(o.partition("=")[0])]
-        where = f"--set {overridden[0]}" if overridden else (f"{path}:{line}" if line else str(path))
+        overridden, line = _blame(msg, overrides, lines), _line_for(lines, msg)
+        where = f"--set {_arg(overridden)}" if overridden else (f"{path}:{line}" if line else str(path))
         raise ConfigError(f"{where}: {msg}") from None
 
 

@@ -72,7 +72,8 @@ def write_split(data: Path, out: Path) -> tuple[Path, Path]:
 
 def _jax_recipe(s: dict):
     """The job as a jaxtune recipe (what `jaxtune train` would read from YAML)."""
-    from jaxtune.recipe import RecipeConfig, from_dict
+    from jaxtune.recipe import RecipeConfig
+    from jaxtune.structs import from_dict
 
     raw = {
         "model": {"path": s["model"], "dtype": "float32", "attention_impl": s["attention"],

@@ -6,7 +6,8 @@ import jax
 import pytest
 
 from jaxtune import cache
-from jaxtune.recipe import RecipeConfig, from_dict
+from jaxtune.recipe import RecipeConfig
+from jaxtune.structs import from_dict
 
 
 @pytest.fixture

@@ -141,3 +141,30 @@ def test_dump_round_trips(tmp_path):
                       ["model.add_special_tokens=['<|im_start|>']"])
     again = load_recipe(_write(tmp_path, dump_recipe(cfg), "dumped.yaml"))
     assert again == cfg
+
+
+@pytest.mark.parametrize("override, detail", [
+    ("train..steps=5", "non-empty keys joined by single dots, e.g. --set train.steps=50 (key component '')"),
+    (".steps=5", "(key component '')"),
+    ("train.=5", "(key component '')"),
+    ("train. steps=5", "(key component ' steps')"),
+    ("trian.steps=5", "trian: unknown key"),
+    ("train.steps.max=5", "train.steps is 10, not a mapping"),
+    ("lora.rank=abc", "lora.rank: expected an integer"),
+])
+def test_bad_set_key_paths_blame_the_set_argument(tmp_path, override, detail):
+    msg = _error(_write(tmp_path, BASE), [override])
+    assert msg.startswith(f"--set {override}: ") and detail in msg, msg
+
+
+def test_duplicate_yaml_keys_name_the_line(tmp_path):
+    p = _write(tmp_path, BASE.replace("  batch_size: 4\n", "  batch_size: 4\n  steps: 20\n"))
+    assert _error(p).startswith(f"{p}:9: not valid YAML: duplicate key 'steps' (first on line 7)")
+
+
+def test_undecodable_or_malformed_yaml_names_file_and_line(tmp_path):
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"model:\n  path: caf\xc3\n")
+    assert _error(p).startswith(f"{p}: not UTF-8 text")
+    p = _write(tmp_path, BASE.replace("  batch_size: 4", "\tbatch_size: 4"))
+    assert _error(p).startswith(f"{p}:8: not valid YAML")

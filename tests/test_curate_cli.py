@@ -46,6 +46,9 @@ def test_filter_command(tmp_path, capsys):
     assert sorted(x["check"] for x in lines) == ["exact duplicate", "refusal/boilerplate"]
     err = capsys.readouterr().err
     assert "missing field" in err and "wrote 2 records" in err  # the reader's skip is reported too
+    unreadable = tmp_path / "out.jsonl.unreadable.jsonl"  # ... and the skipped record is saved, not lost
+    assert f"rejected records in {unreadable}" in err
+    assert [json.loads(x)["record"] for x in unreadable.read_text().splitlines()] == [ROWS[4]]
 
 
 def test_filter_command_errors(tmp_path, capsys):

@@ -269,3 +269,61 @@ def test_real_text_corpus(assets_dir):
     convs, _, _ = read_records(assets_dir / "data" / "tinyshakespeare_input.txt")
     assert convs[0].source.endswith("tinyshakespeare_input.txt:1") and convs[0].text.startswith("First Citizen:")
     assert all(c.text.strip() and not c.messages for c in convs)
+
+
+# ----------------------------------------------------------------------------------------- duplicated keys
+
+DUP_LINE = '{"instruction": "a", "output": "first", "output": "second"}'
+
+
+def test_duplicate_json_key_in_a_line_is_a_bad_record(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(GOOD), DUP_LINE, json.dumps(GOOD)])
+    with pytest.raises(RecordError) as info:
+        load_records(path)
+    err = info.value
+    assert (err.source, err.kind, err.field_name) == (f"{path}:2", "duplicate key", "output")
+    assert str(err).startswith(f"{path}:2: duplicate key (output)")
+    convs, report = load_records(path, on_error="skip")
+    assert len(convs) == 2 and report.skipped == {"duplicate key": 1}
+
+
+def test_duplicate_key_nested_and_in_json_arrays(tmp_path):
+    nested = '{"messages": [{"role": "user", "role": "assistant", "content": "x"}]}'
+    path = write_jsonl(tmp_path / "n.jsonl", [nested])
+    with pytest.raises(RecordError, match=r"n\.jsonl:1: duplicate key \(role\)"):
+        load_records(path)
+    arr = tmp_path / "a.json"
+    arr.write_text("[\n" + json.dumps(GOOD) + ",\n" + DUP_LINE + ",\n" + json.dumps(GOOD) + "\n]")
+    with pytest.raises(RecordError, match=r"a\.json:3 record 1: duplicate key \(output\)"):
+        load_records(arr)
+    convs, report = load_records(arr, on_error="skip")
+    assert len(convs) == 2 and report.skipped == {"duplicate key": 1}
+
+
+def test_duplicate_csv_column_is_an_error(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("instruction,output,output\na,b,c\n")
+    with pytest.raises(RecordError, match=r"d\.csv:1: duplicate key \(output\)"):
+        load_records(path, on_error="skip")
+
+
+def test_json_lines_split_only_at_line_ends(tmp_path):
+    # U+2028 and U+0085 may stand unescaped in a JSON string; str.splitlines() would cut the record there.
+    rec = {"instruction": "a\u2028b\x85c", "output": "d"}
+    path = tmp_path / "u.jsonl"
+    path.write_text(json.dumps(rec, ensure_ascii=False) + "\n" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    convs, report = load_records(path)
+    assert report.records_in == 2 and convs[0].messages[0]["content"] == "a\u2028b\x85c"
+
+
+def test_huge_integer_is_a_bad_record_not_a_crash(tmp_path):
+    path = write_jsonl(tmp_path / "h.jsonl", [json.dumps(GOOD), '{"instruction": ' + "9" * 5000 + "}"])
+    with pytest.raises(RecordError, match=r"h\.jsonl:2: invalid JSON"):
+        load_records(path)
+
+
+def test_csv_field_over_the_csv_limit_names_file_and_line(tmp_path):
+    path = tmp_path / "big.csv"
+    path.write_text("instruction,output\na,b\n\"" + "x" * 200_000 + "\",c\n")
+    with pytest.raises(RecordError, match=r"big\.csv:\d+: invalid CSV: field larger than field limit"):
+        load_records(path, on_error="skip")

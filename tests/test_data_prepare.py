@@ -181,8 +181,8 @@ def test_stats_command_category_mix_and_errors(tmp_path, capsys):
     rows = [{"instruction": "a", "output": "b", "category": c} for c in ("qa", "qa", "summary")]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{bad\n")
     code, out = run_cli(["data", "stats", str(path)], capsys)
-    assert code == 0
-    assert "records: 4 (3 valid, format alpaca)" in out.out and "skipped: invalid JSON: 1" in out.out
+    assert code == 2 and out.err.startswith(f"error: 1 of 4 records are invalid (first: {path}:4: invalid JSON")
+    assert "records: 4 (3 valid, format alpaca)" in out.out and "invalid record: invalid JSON: 1" in out.out
     assert "  qa: 2" in out.out and "  summary: 1" in out.out
     code, out = run_cli(["data", "stats", str(tmp_path / "missing.json")], capsys)
     assert code == 2 and out.err.startswith("error: ") and "does not exist" in out.err

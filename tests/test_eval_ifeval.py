@@ -6,7 +6,7 @@ import json
 import pytest
 
 from jaxtune.cli.eval import register
-from jaxtune.eval import ifeval_text
+from jaxtune.eval import ifeval, ifeval_text
 from jaxtune.eval.ifeval import (
     IFEvalDataError,
     load_ifeval_inputs,
@@ -310,21 +310,56 @@ def test_load_inputs_drops_null_kwargs_and_names_bad_lines(tmp_path):
         load_ifeval_inputs(path)
 
 
-def test_match_responses_by_prompt_then_order(tmp_path, capsys):
+def test_match_responses_by_prompt(tmp_path):
     inputs = list(enumerate(INPUTS, 1))
     shuffled = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": p, "response": p.lower()} for p in "CAB"])
     assert match_responses(inputs, load_responses(shuffled)) == ["a", "b", "c"]
-    templated = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"<s>{p}", "response": p} for p in "ABC"])
-    assert match_responses(inputs, load_responses(templated)) == ["A", "B", "C"]
-    assert "pairing records by order" in capsys.readouterr().err
     partial = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "response": p} for p in "AC"])
     with pytest.raises(IFEvalDataError, match=r"in.jsonl:2: no record in .*p.jsonl has this prompt \(key 2"):
         match_responses(inputs, load_responses(partial), "in.jsonl", partial)
-    with pytest.raises(IFEvalDataError, match="cannot be paired by order"):
-        match_responses(inputs, load_responses(templated)[:2])
     bad = _write_jsonl(tmp_path / "b.jsonl", [{"prompt": "A", "output": "x"}])
     with pytest.raises(IFEvalDataError, match="b.jsonl:1: field 'response' must be a string"):
         load_responses(bad)
+
+
+def test_unknown_prompts_are_errors_not_paired_by_order(tmp_path):
+    inputs = list(enumerate(INPUTS, 1))
+    templated = _write_jsonl(tmp_path / "t.jsonl", [{"prompt": f"<s>{p}", "response": p} for p in "ABC"])
+    with pytest.raises(IFEvalDataError, match=r"t.jsonl:1: prompt '<s>A' is not in in.jsonl"):
+        match_responses(inputs, load_responses(templated), "in.jsonl", templated)
+    extra = _write_jsonl(tmp_path / "e.jsonl", [{"prompt": p, "response": p} for p in ("A", "B", "Z", "C")])
+    with pytest.raises(IFEvalDataError, match=r"e.jsonl:3: prompt 'Z' is not in in.jsonl"):
+        match_responses(inputs, load_responses(extra), "in.jsonl", extra)
+
+
+def test_duplicate_prompts_are_errors(tmp_path):
+    inputs = list(enumerate(INPUTS, 1))
+    dup = _write_jsonl(tmp_path / "d.jsonl", [{"prompt": p, "response": p} for p in "ABCB"])
+    with pytest.raises(IFEvalDataError, match=r"d.jsonl:4: prompt 'B' already answered on line 2"):
+        match_responses(inputs, load_responses(dup), "in.jsonl", dup)
+
+
+def test_records_without_prompts_need_the_checksum_header(tmp_path):
+    inputs = list(enumerate(INPUTS, 1))
+    bare = _write_jsonl(tmp_path / "bare.jsonl", [{"response": p} for p in "CAB"])
+    with pytest.raises(IFEvalDataError, match=r"bare.jsonl:1: no 'prompt' field.*prompts_sha256"):
+        match_responses(inputs, load_responses(bare), "in.jsonl", bare)
+    digest = ifeval.prompts_sha256([inp["prompt"] for inp in INPUTS])
+    ok = ifeval.write_responses(tmp_path / "ok.jsonl", list("ABC"), ["a", "b", "c"], with_prompts=False)
+    assert json.loads(ok.read_text().splitlines()[0]) == {"prompts_sha256": digest}
+    assert match_responses(inputs, load_responses(ok)) == ["a", "b", "c"]
+    stale = ifeval.write_responses(tmp_path / "stale.jsonl", list("CAB"), ["c", "a", "b"], with_prompts=False)
+    with pytest.raises(IFEvalDataError, match=r"stale.jsonl:1: prompts_sha256 .* does not match in.jsonl"):
+        match_responses(inputs, load_responses(stale), "in.jsonl", stale)
+    short = ifeval.write_responses(tmp_path / "short.jsonl", list("AB"), ["a", "b"], with_prompts=False)
+    with pytest.raises(IFEvalDataError, match=r"short.jsonl: 2 responses for the 3 prompts of in.jsonl"):
+        match_responses(inputs, load_responses(short), "in.jsonl", short)
+    moved = _write_jsonl(tmp_path / "m.jsonl", [{"prompts_sha256": digest}] + [
+        {"prompt": p, "response": p} for p in "BAC"])
+    with pytest.raises(IFEvalDataError, match=r"m.jsonl:2: prompt 'B' is record 2 of in.jsonl, not record 1"):
+        match_responses(inputs, load_responses(moved), "in.jsonl", moved)
+    with_prompts = ifeval.write_responses(tmp_path / "w.jsonl", list("ABC"), ["a", "b", "c"])
+    assert json.loads(with_prompts.read_text().splitlines()[0]) == {"prompt": "A", "response": "a"}
 
 
 def test_cli_prints_figures_and_writes_results(tmp_path, capsys):
@@ -351,6 +386,9 @@ def test_cli_prints_figures_and_writes_results(tmp_path, capsys):
 
     assert main(["eval", "ifeval", "--responses", str(missing), "--input", str(inputs), "--out", str(out)]) == 2
     assert "in.jsonl:2: no record" in capsys.readouterr().err
+    shuffled = _write_jsonl(tmp_path / "shuf.jsonl", [{"response": r} for r in ('"q"', "cat", "<<T>>\nok")])
+    assert main(["eval", "ifeval", "--responses", str(shuffled), "--input", str(inputs), "--out", str(out)]) == 2
+    assert "shuf.jsonl:1: no 'prompt' field" in capsys.readouterr().err
 
 
 # -- the official reference figures -----------------------------------------------------------------
@@ -370,3 +408,29 @@ def test_gpt4_reference_figures(assets_dir):
     assert sum(sum(row.loose) for row in r.rows) == 714
     figures = (r.prompt_strict, r.instruction_strict, r.prompt_loose, r.instruction_loose)
     assert [round(100 * x, 2) for x in figures] == [77.08, 83.69, 79.67, 85.61]
+
+
+def test_gpt4_responses_without_prompts_pair_only_with_the_checksum(assets_dir, tmp_path):
+    """The same figures from a file without prompts in input order; shuffled, it is refused, not mis-scored."""
+    data = assets_dir / "data"
+    input_path = data / "ifeval_input_data.jsonl"
+    inputs = ifeval.load_inputs_with_lines(input_path)
+    prompts = [inp["prompt"] for _, inp in inputs]
+    by_prompt = {rec["prompt"]: rec["response"] for _, rec in load_responses(data / "ifeval_responses_gpt4.jsonl")}
+    headed = ifeval.write_responses(tmp_path / "h.jsonl", prompts, [by_prompt[p] for p in prompts], with_prompts=False)
+    r = score_responses([inp for _, inp in inputs], match_responses(inputs, load_responses(headed), input_path, headed))
+    assert round(100 * r.prompt_strict, 2) == 77.08 and round(100 * r.instruction_loose, 2) == 85.61
+    shuffled = prompts[1:] + prompts[:1]
+    stale = ifeval.write_responses(tmp_path / "s.jsonl", shuffled, [by_prompt[p] for p in shuffled],
+                                   with_prompts=False)
+    with pytest.raises(IFEvalDataError, match=r"s.jsonl:1: prompts_sha256 .* does not match"):
+        match_responses(inputs, load_responses(stale), input_path, stale)
+
+
+def test_repeated_input_prompts_cannot_be_matched_by_prompt(tmp_path):
+    inputs = list(enumerate([INPUTS[0], INPUTS[1], dict(INPUTS[2], prompt="A")], 1))
+    resp = _write_jsonl(tmp_path / "r.jsonl", [{"prompt": p, "response": p} for p in "AB"])
+    with pytest.raises(IFEvalDataError, match=r"in.jsonl:3: prompt repeats line 1"):
+        match_responses(inputs, load_responses(resp), "in.jsonl", resp)
+    headed = ifeval.write_responses(tmp_path / "h.jsonl", ["A", "B", "A"], ["a", "b", "c"], with_prompts=False)
+    assert match_responses(inputs, load_responses(headed), "in.jsonl", headed) == ["a", "b", "c"]

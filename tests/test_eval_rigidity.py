@@ -171,3 +171,22 @@ def test_cli_writes_rows_and_summary(tmp_path, probes, capsys):
     assert summary["counts"] == {c: (len(probes) if c == "both" else 0) for c in CATEGORIES}
     rows = (tmp_path / "out" / "rigidity_results.jsonl").read_text().splitlines()
     assert len(rows) == len(probes) and json.loads(rows[0])["category"] == "both"
+
+
+def test_cli_refuses_unpaired_responses_and_pairs_headed_ones(tmp_path, probes, capsys):
+    from jaxtune.cli.main import main
+    from jaxtune.eval.ifeval import write_responses
+
+    bare = tmp_path / "bare.jsonl"
+    bare.write_text("".join(json.dumps({"response": BOTH_SIDES[p.id]}) + "\n" for p in reversed(probes)))
+    out = str(tmp_path / "out")
+    assert main(["eval", "rigidity", "--responses", str(bare), "--out", out]) == 2
+    assert "bare.jsonl:1: no 'prompt' field" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.jsonl"
+    unknown.write_text(json.dumps({"prompt": "Tell me a joke.", "response": "no"}) + "\n")
+    assert main(["eval", "rigidity", "--responses", str(unknown), "--out", out]) == 2
+    assert "unknown.jsonl:1: prompt 'Tell me a joke.' is not in" in capsys.readouterr().err
+    headed = write_responses(tmp_path / "headed.jsonl", [p.prompt for p in probes], [BOTH_SIDES[p.id] for p in probes],
+                             with_prompts=False)
+    assert main(["eval", "rigidity", "--responses", str(headed), "--out", out]) == 0
+    assert f"both{len(probes):>14}" in capsys.readouterr().out

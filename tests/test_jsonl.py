@@ -29,3 +29,12 @@ def test_bad_line_raises_the_callers_error_naming_file_and_line(tmp_path, line, 
         read_jsonl(path)
     with pytest.raises(_Custom, match=message):
         read_jsonl(path, _Custom)
+
+
+def test_a_key_given_twice_is_an_error_naming_the_line(tmp_path):
+    """json keeps the last of two equal keys without a word; an IFEval input or response file with one would
+    silently score the wrong text."""
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"prompt": "a", "response": "x"}\n{"prompt": "b", "response": "y", "response": "z"}\n')
+    with pytest.raises(ValueError, match=r"r\.jsonl:2: key 'response' appears twice in one JSON object"):
+        read_jsonl(path)

@@ -82,3 +82,30 @@ def test_provenance_hashes_what_trains():
     assert content_hash(a) != content_hash(b)
     prov = provenance(data_hash=content_hash(a))
     assert prov["versions"]["jax"] == jax.__version__ and prov["data_hash"] == content_hash(a)
+
+
+def test_disk_full_names_the_last_good_step_and_keeps_it(tmp_path, monkeypatch):
+    import errno
+
+    from jaxtune.train.checkpoint import CheckpointWriteError
+
+    params, opt = _state()
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep_last=1)
+    ckpt.save(1, params, opt, {"step": 1})
+    real = Checkpointer._write
+
+    def disk_full(self, step, *args):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, step, *args)
+
+    monkeypatch.setattr(Checkpointer, "_write", disk_full)
+    with pytest.raises(CheckpointWriteError) as e:
+        ckpt.save(2, params, opt, {"step": 2})
+    ckpt.close()  # the failure is reported once, not again on close
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == (f"{tmp_path}: saving checkpoint step 2 failed: No space left on device; the last good "
+                            "checkpoint is step 1, left intact (free space, then resume with --resume)")
+    again = Checkpointer(tmp_path / "checkpoints")
+    assert again.all_steps() == [1] and again.restore(None, params, opt)[2] == {"step": 1}
+    again.close()

@@ -14,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxtune.recipe import RecipeConfig, from_dict
+from jaxtune.recipe import RecipeConfig
+from jaxtune.structs import from_dict
 from jaxtune.train import loop
 from jaxtune.train.hooks import TrainState, make_hooks
 from jaxtune.train.loop import TrainingStopped, train
@@ -45,8 +46,9 @@ def small_data(assets_dir, tmp_path_factory):
 def _recipe(stories_dir, data, run_dir, **sections) -> RecipeConfig:
     raw = {
         "model": {"path": str(stories_dir), "attention_impl": "xla"},
+        # seq_len 128 keeps steps cheap; the Alpaca prompt fills it in 31 of these 40 records.
         "data": {"train": str(data), "chat_template": "alpaca", "seq_len": 128, "val_fraction": 0.1,
-                 "cache_dir": None},
+                 "cache_dir": None, "max_dropped_fraction": 0.8},
         "lora": {"rank": 4, "dropout": 0.1},
         "optim": {"lr": 3e-3, "warmup_steps": 1},
         "train": {"steps": 6, "batch_size": 4, "save_every": 3, "log_every": 3},
@@ -173,6 +175,8 @@ def test_run_dir_holds_metrics_tensorboard_config_and_provenance(whole_run):
     assert (run / "config.yaml").read_text().startswith("model:")
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["data_hash"] and prov["tokenizer_hash"] and prov["versions"]["jax"]
+    data = json.loads((run / "data_report.json").read_text())
+    assert data["records_in"] == 40 and data["dropped"] == {"prompt fills seq_len": 31} and data["truncated"] == 9
     assert result.eval_loss == [r for r in rows if r["split"] == "eval"][-1]["loss"]
 
 

@@ -35,10 +35,11 @@ def _write(items: list, path: str, write) -> int:
     return 0
 
 
-def _load(path: str, on_error: str):
+def _load(path: str, on_error: str, out: str):
+    """Read the input; with `--on-error skip`, unreadable records are saved beside the output, not lost."""
     from jaxtune.data.formats import load_records
 
-    convs, read_report = load_records(path, on_error=on_error)
+    convs, read_report = load_records(path, on_error=on_error, rejects_path=f"{out}.unreadable.jsonl")
     if read_report.skipped:
         print(read_report.summary(), file=sys.stderr)
     return convs
@@ -59,7 +60,7 @@ def run_filter(args) -> int:
                        max_prompt_words=args.max_prompt_words, max_tokens=args.max_tokens, language=args.language,
                        dedup=dedup, dedup_on=args.dedup_on, minhash_threshold=args.minhash_threshold,
                        minhash_ngram=args.ngram, rouge_threshold=args.rouge_threshold, seed=args.seed)
-    kept, report = curate(_load(args.input, args.on_error), cfg, tokenizer=tokenizer)
+    kept, report = curate(_load(args.input, args.on_error, args.output), cfg, tokenizer=tokenizer)
     _finish([report], args)
     return _write(kept, args.output, write_conversations)
 
@@ -82,7 +83,7 @@ def run_sdft(args) -> int:
     from jaxtune.curate.generator import load_generate_fn
 
     chat = {"auto": None, "on": True, "off": False}[args.chat]
-    convs = _load(args.data, args.on_error)
+    convs = _load(args.data, args.on_error, args.out)
     generate_fn = load_generate_fn(args.model, chat=chat, **_sampling(args))
     out, report = distill(generate_fn, convs, SdftConfig(max_new_tokens=args.max_new_tokens, seed=args.seed))
     _finish([report], args)

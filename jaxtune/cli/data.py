@@ -6,9 +6,9 @@ import json
 import sys
 
 from jaxtune.data.chat import BUILTIN_TEMPLATES, resolve_template
-from jaxtune.data.formats import FORMATS, load_records
-from jaxtune.data.stats import compute_stats, format_stats
-from jaxtune.data.tokenize import TRAIN_ON
+from jaxtune.data.formats import FORMATS
+from jaxtune.data.stats import SHOWN_INVALID, file_stats, format_stats, invalid_error
+from jaxtune.data.tokenize import OVERLONG, TRAIN_ON
 
 
 def _columns(pairs: list[str]) -> dict[str, str]:
@@ -22,19 +22,22 @@ def _columns(pairs: list[str]) -> dict[str, str]:
 
 
 def run_stats(args) -> int:
-    convs, report = load_records(args.file, fmt=args.format, columns=_columns(args.column), on_error="skip",
-                                 rejects_path=args.rejects)
     tokenizer = template = None
     if args.tokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         template = resolve_template(args.template, tokenizer)
-    stats = compute_stats(convs, report, tokenizer=tokenizer, template=template, seq_len=args.seq_len,
-                          train_on=args.train_on, end_token=args.end_token)
+    stats, report = file_stats(args.file, fmt=args.format, columns=_columns(args.column), rejects_path=args.rejects,
+                               tokenizer=tokenizer, template=template, seq_len=args.seq_len, train_on=args.train_on,
+                               end_token=args.end_token, overlong=args.overlong)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     if report.rejects_path:
         print(f"rejected records written to {report.rejects_path}", file=sys.stderr)
+    error = invalid_error(stats, report)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -51,7 +54,10 @@ def register(subparsers) -> None:
     p.add_argument("--column", action="append", default=[], metavar="CANONICAL=NAME",
                    help="map a canonical field to the file's column name (repeatable)")
     p.add_argument("--train-on", default="assistant", choices=TRAIN_ON)
+    p.add_argument("--overlong", default="truncate", choices=OVERLONG,
+                   help="what training does with examples over seq_len (as data.overlong)")
     p.add_argument("--end-token", help="token ending each response in built-in templates (default: eos)")
-    p.add_argument("--rejects", help="write records that fail validation to this JSONL file")
+    p.add_argument("--rejects", help="write every invalid record to this JSONL file (the output lists the first "
+                   f"{SHOWN_INVALID}); any invalid record makes the command exit 2")
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run_stats)

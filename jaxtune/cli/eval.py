@@ -184,7 +184,7 @@ def _report(args: argparse.Namespace) -> int:
         settings={"ifeval_input": str(input_path), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "template": spec, "decoding": "greedy", "run": t.run},
         base_rigidity=rig.get("base"), tuned_rigidity=rig.get("tuned"), forgetting=forgetting, metrics_rows=rows,
-        n_samples=args.samples)
+        data_report=report.read_data_report(t.run) if t.run else None, n_samples=args.samples)
     json_path, html_path = report.write_report(doc, args.out)
     for name, v in doc["ifeval"]["metrics"].items():
         print(f"{name:<26}{report.pct(v['base']):>7} % (base)  {report.pct(v['tuned']):>7} % (tuned)")
@@ -244,7 +244,9 @@ def _add_scoring(sub) -> None:
         description="Score {prompt, response} JSONL against IFEval prompts: strict/loose, prompt/instruction "
         "level, format adherence and ignored-constraint rate. Writes per-prompt results and a summary.",
     )
-    p.add_argument("--responses", required=True, help="JSONL of {prompt, response} records")
+    p.add_argument("--responses", required=True,
+                   help="JSONL of {prompt, response} records, one per input prompt; records without prompts "
+                   "need a first line {\"prompts_sha256\": ...} (docs/ifeval.md)")
     p.add_argument(
         "--input",
         help="IFEval input JSONL (default: $JAXTUNE_ASSETS/data/ifeval_input_data.jsonl or ../shared/assets/data/)",
@@ -257,7 +259,9 @@ def _add_scoring(sub) -> None:
         help="score responses to the over-rigidity probes (conflicting format/content constraints)",
         description="Categorise each probe response as both / format_only / content_only / neither.",
     )
-    q.add_argument("--responses", required=True, help="JSONL of {prompt, response} records for the probe prompts")
+    q.add_argument("--responses", required=True,
+                   help="JSONL of {prompt, response} records, one per probe prompt (or a prompts_sha256 header "
+                   "and {response} records in probe order)")
     q.add_argument("--probes", help="probe JSONL (default: packaged over_rigidity_v1.jsonl)")
     q.add_argument("--loose", action="store_true", help="use IFEval loose checking instead of strict")
     q.add_argument("--out", help="output directory (default: ./rigidity_<responses file stem>)")

@@ -8,15 +8,24 @@ import argparse
 from jaxtune.cli.args import DTYPE_CHOICES
 
 
-def info_lines(model_dir: str) -> list[str]:
-    from jaxtune.hf.load import load_hf_config, weight_files
-    from jaxtune.hf.families import from_hf_config
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
+
+def info_lines(model_dir: str) -> list[str]:
+    """What the checkpoint is. Weight files are opened for their headers only (a truncated or corrupt file,
+    or an integer weight, is an error here), never read."""
     from pathlib import Path
 
-    hf = load_hf_config(model_dir)
-    cfg = from_hf_config(hf)
-    files = weight_files(Path(model_dir))
+    import numpy as np
+
+    from jaxtune.hf.families import family
+    from jaxtune.hf.load import read_config, weight_headers
+
+    hf, cfg = read_config(model_dir)
+    headers = weight_headers(Path(model_dir), family(cfg.model_type))
+    tensors = [t for h in headers.values() for t in (h or {}).values()]
+    nbytes = sum(int(np.prod(shape, dtype=np.int64)) * dtype.itemsize for dtype, shape in tensors)
     rope = f"theta={cfg.rope_theta:g}, type={cfg.rope_type}"
     if cfg.rope_type != "default":
         rope += f", factor={cfg.rope_factor:g}"
@@ -37,12 +46,41 @@ def info_lines(model_dir: str) -> list[str]:
         f"tied embedding {cfg.tie_word_embeddings}",
         f"bias q/k/v, o  {cfg.qkv_bias}, {cfg.o_bias}   qk-norm {cfg.qk_norm}",
         f"sliding window {window}",
-        f"weights        {', '.join(f.name for f in files)}",
+        f"weights        {', '.join(f.name for f in headers)} ({len(tensors)} tensors, {_size(nbytes)})",
     ]
+
+
+def check_lines(model_dir: str) -> tuple[list[str], str | None]:
+    """Every tensor read: one line per tensor holding NaN or Inf and a summary, and the error naming the
+    first such tensor (None when all are finite)."""
+    from pathlib import Path
+
+    from jaxtune.hf.families import family
+    from jaxtune.hf.load import load_config, nonfinite_counts
+
+    fam = family(load_config(model_dir).model_type)
+    counts = list(nonfinite_counts(Path(model_dir), fam))
+    bad = [(f, name, nan, inf) for f, name, nan, inf in counts if nan or inf]
+    lines = [f"non-finite     {f}: {name}  {nan} NaN, {inf} Inf" for f, name, nan, inf in bad]
+    files = len({f for f, *_ in counts})
+    lines.append(f"checked        {len(counts)} tensors in {files} file(s): "
+                 + (f"{len(bad)} with NaN/Inf" if bad else "no NaN/Inf, dtypes ok"))
+    if not bad:
+        return lines, None
+    f, name, nan, inf = bad[0]
+    more = f" (and {len(bad) - 1} more tensor(s), listed above)" if len(bad) > 1 else ""
+    return lines, f"{f}: tensor {name!r} has {nan} NaN and {inf} Inf values{more}"
 
 
 def _info(args: argparse.Namespace) -> int:
     print("\n".join(info_lines(args.model_dir)))
+    if args.check:
+        from jaxtune.hf.load import CheckpointError
+
+        lines, problem = check_lines(args.model_dir)
+        print("\n".join(lines))
+        if problem:
+            raise CheckpointError(problem)
     return 0
 
 
@@ -92,6 +130,8 @@ def _params(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("info", help="describe an HF model directory (family, params, heads, rope…)")
     p.add_argument("model_dir")
+    p.add_argument("--check", action="store_true",
+                   help="also read every tensor: report NaN/Inf per tensor and exit 2 if any")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("params", help="trainable parameters and training memory: LoRA vs full fine-tune")

@@ -1,4 +1,4 @@
-"""`jaxtune train RECIPE.yaml [--set key=value ...] [--resume]`: run a training recipe."""
+"""`jaxtune train RECIPE.yaml [--set key=value ...] [--resume [--allow-changes]]`: run a training recipe."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     from jaxtune.recipe import load_recipe
 
+    if args.allow_changes and not args.resume:
+        raise ValueError("--allow-changes applies to --resume only (a new run has no recipe to differ from)")
     cfg = load_recipe(args.recipe, args.set)  # a bad recipe raises ValueError/OSError: cli.main reports it
     if args.dry_run:
         from jaxtune.train.plan import describe_plan
@@ -18,7 +20,7 @@ def _train(args: argparse.Namespace) -> int:
     from jaxtune.train.loop import TrainingStopped, train
 
     try:
-        result = train(cfg, resume=args.resume, stop_after=args.stop_after)
+        result = train(cfg, resume=args.resume, stop_after=args.stop_after, allow_changes=args.allow_changes)
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
@@ -35,6 +37,9 @@ def register(sub) -> None:
                    help="override a recipe key, e.g. --set train.steps=50 (repeatable)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in output.run_dir (bit-identical to an unbroken run)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue although recipe keys that shape training changed (the run's "
+                        "old recipe is kept as config.STEP.yaml)")
     p.add_argument("--stop-after", type=int, metavar="STEP",
                    help="end this invocation at STEP (checkpointed; the schedule still spans train.steps)")
     p.add_argument("--dry-run", action="store_true",

@@ -14,8 +14,8 @@ import numpy as np
 
 from jaxtune.data.report import Report
 
-# Bump when tokenization or example layout changes, so old caches are not reused.
-PIPELINE_VERSION = 1
+# Bump when tokenization, example layout or the cached report's fields change, so old caches are not reused.
+PIPELINE_VERSION = 2
 _FIELDS = ("input_ids", "targets", "loss_mask")
 
 

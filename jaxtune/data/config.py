@@ -28,6 +28,8 @@ class DataConfig:
     that ends a response (default the tokenizer's eos; stories260K never emitted eos in pretraining).
     train_on: assistant | all | last_turn. overlong: truncate (keep prompt head) | drop.
     on_error: raise | skip (skips are counted and written to rejects_path, default in cache_dir).
+    max_dropped_fraction / max_truncated_fraction: ceilings on the share of records dropped or skipped and of
+    examples truncated (null: none) above which training refuses to start (see data_report.json).
     cache_dir: tokenized-data cache (default `$JAXTUNE_CACHE_DIR/data`, see jaxtune/cache.py); null disables it.
     """
 
@@ -47,6 +49,8 @@ class DataConfig:
     shuffle_seed: int = 0
     cache_dir: str | None = field(default_factory=lambda: str(cache_root() / "data"))
     num_epochs: int = 1
+    max_dropped_fraction: float = 0.05
+    max_truncated_fraction: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.train, str) or not self.train:
@@ -73,6 +77,12 @@ class DataConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise _fail(name, value, f"an integer >= {low}")
+        for name, want in (("max_dropped_fraction", "a fraction in [0, 1]"),
+                           ("max_truncated_fraction", "a fraction in [0, 1] or null")):
+            value = getattr(self, name)
+            if (value is not None or name == "max_dropped_fraction") and (
+                    isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+                raise _fail(name, value, want)
         if not isinstance(self.packing, bool):
             raise _fail("packing", self.packing, "true or false")
         spec = self.chat_template

@@ -74,16 +74,21 @@ def _field(record: dict, name: str, source: str, *, required: bool = True, kinds
 
 
 def _check_unicode(value, source: str, where: str = "") -> None:
-    """Lone surrogates mark bytes that were not UTF-8 in the file (or escaped halves of a pair)."""
-    if isinstance(value, str):
-        if _SURROGATE.search(value):
-            raise RecordError(source, where or None, "text is not valid UTF-8", "invalid UTF-8")
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_unicode(v, source, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_unicode(v, source, f"{where}[{i}]")
+    """Lone surrogates mark bytes that were not UTF-8 in the file (or escaped halves of a pair). Walked with
+    a stack, not recursion, so a record nested as deep as json allows is still checked."""
+    stack = [(where, value)]
+    while stack:
+        at, v = stack.pop()
+        if isinstance(v, str):
+            if _SURROGATE.search(v):
+                raise RecordError(source, at or None, "text is not valid UTF-8", "invalid UTF-8")
+        elif isinstance(v, dict):
+            for k in v:
+                if isinstance(k, str) and _SURROGATE.search(k):
+                    raise RecordError(source, at or None, "a key is not valid UTF-8", "invalid UTF-8")
+            stack.extend((f"{at}.{k}" if at else str(k), x) for k, x in reversed(list(v.items())))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{at}[{i}]", x) for i, x in reversed(list(enumerate(v))))
 
 
 def _alpaca(record: dict, columns: dict, source: str) -> list[Conversation]:

@@ -12,7 +12,7 @@ from jaxtune.data.chat import resolve_template
 from jaxtune.data.config import DataConfig
 from jaxtune.data.formats import Conversation, read_records
 from jaxtune.data.report import RecordError, Report, write_rejects
-from jaxtune.data.tokenize import adds_bos, fit_length, shift, tokenize_conversation
+from jaxtune.data.tokenize import adds_bos, fit_counted, shift, tokenize_conversation
 
 _KEY_SETTINGS = ("train", "validation", "val_fraction", "format", "columns", "chat_template", "end_token",
                  "train_on", "seq_len", "overlong", "on_error", "shuffle_seed")
@@ -35,11 +35,9 @@ def tokenize_examples(convs: list[Conversation], tokenizer, template: str | None
             report.skip(err.kind)
             rejects.append((err, {"text": conv.text} if conv.text is not None else {"messages": conv.messages}))
             continue
-        ids, mask, outcome = fit_length(ids, mask, cfg.seq_len, cfg.overlong)
+        ids, mask = fit_counted(ids, mask, cfg.seq_len, cfg.overlong, report)
         if ids is None:
-            report.drop(outcome)
             continue
-        report.truncated += outcome == "truncated"
         example = shift(ids, mask)
         report.examples_out += 1
         report.tokens += int(example["input_ids"].size)
@@ -87,9 +85,33 @@ def prepare_dataset(cfg: DataConfig, tokenizer) -> tuple[list[dict], list[dict],
     train = tokenize_examples(train_convs, tokenizer, template, cfg, report, rejects)
     val = tokenize_examples(val_convs, tokenizer, template, cfg, report, rejects)
     if not train:
-        raise ValueError(f"no training examples left from {cfg.train}:\n{report.summary()}")
+        lost = ", ".join(f"{k}: {v}" for k, v in report.lost().items())
+        raise ValueError(f"{cfg.train}: no training examples left ({lost}); see data.seq_len and data.on_error")
     if rejects:
         report.rejects_path = str(write_rejects(_rejects_path(cfg, key), rejects))
     if cfg.cache_dir:
         cache.save(cfg.cache_dir, key, {"train": train, "validation": val}, report)
     return train, val, report
+
+
+def check_ceilings(report: Report, cfg: DataConfig) -> None:
+    """Refuse to train on data that lost more than the recipe allows: `data.max_dropped_fraction` of records
+    dropped or skipped, `data.max_truncated_fraction` of examples truncated."""
+    lost, frac = report.lost(), report.dropped_fraction()
+    if frac > cfg.max_dropped_fraction:
+        reasons = ", ".join(f"{k}: {v}" for k, v in lost.items())
+        fixes = []
+        if any(not k.startswith("invalid record") for k in lost):
+            fixes.append("raise data.seq_len" + (" or set data.overlong: truncate" if cfg.overlong == "drop" else ""))
+        if any(k.startswith("invalid record") for k in lost):
+            where = f" listed in {report.rejects_path}" if report.rejects_path else ""
+            fixes.append(f"fix the invalid records{where}")
+        raise ValueError(f"{cfg.train}: {sum(lost.values())} of {report.units()} records ({frac:.1%}) dropped "
+                         f"({reasons}), above data.max_dropped_fraction {cfg.max_dropped_fraction}; "
+                         f"{', '.join(fixes)}, or raise data.max_dropped_fraction")
+    ceiling, frac = cfg.max_truncated_fraction, report.truncated_fraction()
+    if ceiling is not None and frac > ceiling:
+        raise ValueError(f"{cfg.train}: {report.truncated} of {report.examples_in} examples ({frac:.1%}) truncated "
+                         f"({report.truncated_tokens} tokens cut, {report.truncated_targets} trained), above "
+                         f"data.max_truncated_fraction {ceiling}; raise data.seq_len, set data.overlong: drop, "
+                         "or raise data.max_truncated_fraction")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from jaxtune.data.report import RecordError
+from jaxtune.jsonl import STRICT_JSON, DuplicateKeyError
 
 _TEXT_SUFFIXES = (".txt", ".md", ".text")
 _FILE_SUFFIXES = (".json", ".jsonl", ".ndjson", ".csv", ".parquet", *_TEXT_SUFFIXES)
@@ -45,6 +46,24 @@ def iter_records(path_or_name: str | Path) -> Iterator[tuple[str, object]]:
         raise FileNotFoundError(f"data file {path} does not exist (nor is it a Hub dataset name owner/name)")
 
 
+def _decode_error(source: str, e: Exception) -> RecordError:
+    """A failed decode as a bad record: duplicate key, JSON syntax, or what json refuses beyond syntax
+    (integers past Python's digit limit, nesting deeper than the recursion limit)."""
+    if isinstance(e, DuplicateKeyError):
+        return RecordError(source, e.key, f"key {e.key!r} appears twice in one JSON object", "duplicate key")
+    if isinstance(e, json.JSONDecodeError):
+        return RecordError(source, None, f"{e.msg} at column {e.colno}", "invalid JSON")
+    if isinstance(e, RecursionError):
+        return RecordError(source, None, "nested too deeply to read", "invalid JSON")
+    return RecordError(source, None, str(e).split(";")[0], "invalid JSON")
+
+
+def _lines(text: str) -> list[str]:
+    """Lines as editors and `open()` count them: not at U+2028, U+0085 and the other breaks that
+    `str.splitlines()` also honours, which JSON allows inside strings."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def _read_text(path: Path) -> str:
     # surrogateescape keeps invalid UTF-8 bytes as lone surrogates, so the one record holding them is
     # reported (or skipped) instead of the whole file failing to decode.
@@ -61,19 +80,20 @@ def _iter_json(path: Path) -> Iterator[tuple[str, object]]:
     if path.suffix.lower() == ".json" and text[start:start + 1] == "{":
         try:
             json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             pass  # not one object: read it as JSON lines
         else:
             raise RecordError(f"{path}:1", None, "the file is a single JSON object; expected an array of records "
                               "or one JSON object per line", "wrong type")
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         source = f"{path}:{lineno}"
         try:
-            yield source, json.loads(line)
-        except json.JSONDecodeError as e:
-            yield source, RecordError(source, None, f"{e.msg} at column {e.colno}", "invalid JSON")
+            record = STRICT_JSON.decode(line)
+        except (ValueError, RecursionError) as e:
+            record = _decode_error(source, e)
+        yield source, record
 
 
 def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[str, object]]:
@@ -93,14 +113,19 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[str, o
         return
     index = 0
     while True:
-        try:
-            record, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise RecordError(f"{path}:{e.lineno}", None,
-                              f"{e.msg} at column {e.colno}; a JSON array cannot be read past this point "
-                              "(store the data as JSONL to skip single bad lines)", "invalid JSON") from None
         # The record index too: a one-line JSON array would otherwise name every record `file:1`.
-        yield f"{path}:{line_at(pos)} record {index}", record
+        source = f"{path}:{line_at(pos)} record {index}"
+        try:
+            record, end = STRICT_JSON.raw_decode(text, pos)
+        except DuplicateKeyError as e:
+            # Well-formed, so its end can still be found and the records after it read.
+            record, end = _decode_error(source, e), decoder.raw_decode(text, pos)[1]
+        except (ValueError, RecursionError) as e:
+            where = f"{path}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else source
+            err = _decode_error(where, e)
+            raise RecordError(where, None, f"{err.detail}; a JSON array cannot be read past this point "
+                              "(store the data as JSONL to skip single bad lines)", "invalid JSON") from None
+        yield source, record
         index += 1
         pos = ws.match(text, end).end()
         sep = text[pos:pos + 1]
@@ -115,7 +140,17 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[str, o
 def _iter_csv(path: Path) -> Iterator[tuple[str, object]]:
     reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
     prev_end = 1  # the header line
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:  # e.g. a field over the csv module's size limit: nothing after it can be located
+            raise RecordError(f"{path}:{reader.line_num}", None, f"{e}; the file cannot be read past this point",
+                              "invalid CSV") from None
+        if prev_end == 1:
+            _check_header(path, reader.fieldnames)
         source = f"{path}:{prev_end + 1}"
         prev_end = reader.line_num
         if None in row:
@@ -125,11 +160,20 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, object]]:
             yield source, row
 
 
+def _check_header(path: Path, names: list[str]) -> None:
+    """A column named twice would leave only its last value in every row: the whole file is ambiguous."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise RecordError(f"{path}:1", name, f"column {name!r} appears twice in the header", "duplicate key")
+        seen.add(name)
+
+
 def _iter_text(path: Path) -> Iterator[tuple[str, object]]:
     """Plain text: one record per blank-line-separated paragraph."""
     para: list[str] = []
     first = 0
-    for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+    for lineno, line in enumerate(_lines(_read_text(path)), 1):
         if line.strip():
             if not para:
                 first = lineno

@@ -2,7 +2,8 @@
 
 Every record that does not reach a batch is either an error (on_error: raise) or a counted skip with its
 reason and a line in the rejects file (on_error: skip); truncation and drops are counted too, so a report's
-numbers always add up to what went in.
+numbers always add up to what went in. A run saves its report as `data_report.json` and refuses to start when
+the losses pass the recipe's ceilings (`prepare.check_ceilings`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class Report:
     examples_in: int = 0
     examples_out: int = 0
     truncated: int = 0
+    truncated_tokens: int = 0  # tokens cut off the end of truncated examples
+    truncated_targets: int = 0  # of those, tokens that would have been trained on
     dropped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0
     target_tokens: int = 0
@@ -64,12 +67,35 @@ class Report:
             examples_in=self.examples_in + other.examples_in,
             examples_out=self.examples_out + other.examples_out,
             truncated=self.truncated + other.truncated,
+            truncated_tokens=self.truncated_tokens + other.truncated_tokens,
+            truncated_targets=self.truncated_targets + other.truncated_targets,
             dropped=dict(Counter(self.dropped) + Counter(other.dropped)),
             tokens=self.tokens + other.tokens,
             target_tokens=self.target_tokens + other.target_tokens,
             rejects_path=self.rejects_path or other.rejects_path,
             cache_hit=self.cache_hit and other.cache_hit,
         )
+
+    def lost(self) -> dict[str, int]:
+        """Every record or example that never reaches a batch, by reason: invalid records (skipped) and
+        examples the over-length policy dropped."""
+        lost = {f"invalid record: {k}": v for k, v in self.skipped.items()}
+        for reason, n in self.dropped.items():
+            lost[reason] = lost.get(reason, 0) + n
+        return dict(sorted(lost.items()))
+
+    def units(self) -> int:
+        """What could have become an example: invalid records plus every tokenized conversation (a record
+        holding several conversations counts once per conversation); the records read, before tokenization."""
+        if not self.examples_in:
+            return self.records_in
+        return self.records_in - self.records_out + self.examples_in
+
+    def dropped_fraction(self) -> float:
+        return sum(self.lost().values()) / max(self.units(), 1)
+
+    def truncated_fraction(self) -> float:
+        return self.truncated / max(self.examples_in, 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,18 +105,25 @@ class Report:
         return cls(**d)
 
     def summary(self) -> str:
+        """A short block: what was read, what was lost and why, what was cut, where the rejects are."""
         lines = [f"records: {self.records_in} read, {self.records_out} valid"
                  + (f" (format {self.format})" if self.format else "")]
-        if self.skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-            lines.append(f"skipped: {sum(self.skipped.values())} ({reasons})"
-                         + (f"; rejected records in {self.rejects_path}" if self.rejects_path else ""))
         if self.examples_in:
-            lines.append(f"examples: {self.examples_in} tokenized, {self.examples_out} kept, "
-                         f"{self.truncated} truncated")
+            lines.append(f"examples: {self.examples_in} tokenized, {self.examples_out} kept")
+        if self.skipped:
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            lines.append(f"skipped: {sum(self.skipped.values())} invalid records ({kinds})")
         if self.dropped:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items()))
             lines.append(f"dropped: {sum(self.dropped.values())} ({reasons})")
+        if self.skipped or self.dropped:
+            lines.append(f"dropped or skipped: {sum(self.lost().values())} of {self.units()} "
+                         f"({self.dropped_fraction():.1%})")
+        if self.truncated:
+            lines.append(f"truncated: {self.truncated} of {self.examples_in} ({self.truncated_fraction():.1%}), "
+                         f"{self.truncated_tokens} tokens cut ({self.truncated_targets} trained)")
+        if self.rejects_path:
+            lines.append(f"rejected records in {self.rejects_path}")
         if self.tokens:
             lines.append(f"tokens: {self.tokens} ({self.target_tokens} with loss)")
         if self.cache_hit:

@@ -12,7 +12,7 @@ import numpy as np
 
 from jaxtune.data.chat import render_with_spans, require_template
 from jaxtune.data.formats import Conversation
-from jaxtune.data.report import RecordError
+from jaxtune.data.report import RecordError, Report
 
 TRAIN_ON = ("assistant", "all", "last_turn")
 OVERLONG = ("truncate", "drop")
@@ -116,6 +116,19 @@ def fit_length(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str):
     if not mask[1:].any():
         return None, None, "prompt fills seq_len"
     return ids, mask, "truncated"
+
+
+def fit_counted(ids: np.ndarray, mask: np.ndarray, seq_len: int, overlong: str, report: Report):
+    """`fit_length`, counted in `report`: a drop by its reason, a truncation with the tokens it cut.
+    Returns `(ids, mask)`, both None when dropped."""
+    fit_ids, fit_mask, outcome = fit_length(ids, mask, seq_len, overlong)
+    if fit_ids is None:
+        report.drop(outcome)
+    elif outcome == "truncated":
+        report.truncated += 1
+        report.truncated_tokens += int(ids.size - fit_ids.size)
+        report.truncated_targets += int(mask[fit_ids.size:].sum())
+    return fit_ids, fit_mask
 
 
 def shift(ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:

@@ -8,7 +8,6 @@ from typing import Sequence
 
 from jaxtune.eval import ifeval, rigidity
 from jaxtune.generate import stop_token_ids
-from jaxtune.jsonl import write_jsonl
 
 
 def respond(model, tokenizer, prompts: Sequence[str], *, template: str | None, max_new_tokens: int,
@@ -26,7 +25,9 @@ def score_models(models: dict, tokenizer, inputs: Sequence[dict], out_dir: str |
                  max_new_tokens: int, batch_size: int, probes: Sequence | None = None) -> tuple[dict, dict]:
     """`({side: IFEvalResult}, {side: RigidityResult})` for each named model (e.g. `base`, `tuned`), all
     prompted the same way and stopping at the same ids. Each side's IFEval rows and responses are written
-    to `out_dir/ifeval_<side>/`. `probes`: over-rigidity probes, or None to skip them."""
+    to `out_dir/ifeval_<side>/`, its probe responses to `out_dir/rigidity_<side>/`, as {prompt, response}
+    records that `jaxtune eval ifeval | rigidity --responses` score again. `probes`: over-rigidity probes,
+    or None to skip them."""
     first = next(iter(models.values()))
     kw = dict(template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
               stop_ids=stop_token_ids(first.config, tokenizer, template))
@@ -36,8 +37,11 @@ def score_models(models: dict, tokenizer, inputs: Sequence[dict], out_dir: str |
         responses = respond(model, tokenizer, prompts, **kw)
         scored[side] = ifeval.score_responses(inputs, responses)
         ifeval.write_results(scored[side], Path(out_dir) / f"ifeval_{side}")
-        write_jsonl(Path(out_dir) / f"ifeval_{side}" / "responses.jsonl",
-                    ({"prompt": p, "response": r} for p, r in zip(prompts, responses)))
+        ifeval.write_responses(Path(out_dir) / f"ifeval_{side}" / "responses.jsonl", prompts, responses)
         if probes is not None:
-            rigid[side] = rigidity.score_rigidity(probes, respond(model, tokenizer, [p.prompt for p in probes], **kw))
+            probe_prompts = [p.prompt for p in probes]
+            probe_responses = respond(model, tokenizer, probe_prompts, **kw)
+            rigid[side] = rigidity.score_rigidity(probes, probe_responses)
+            ifeval.write_responses(Path(out_dir) / f"rigidity_{side}" / "responses.jsonl", probe_prompts,
+                                   probe_responses)
     return scored, rigid

@@ -11,9 +11,9 @@ loose scoring so that a chatty first line or markdown emphasis is not counted as
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,9 @@ __all__ = [
     "load_ifeval_inputs",
     "load_responses",
     "match_responses",
+    "prompts_sha256",
     "score_responses",
+    "write_responses",
 ]
 
 DEFAULT_INPUT_NAME = "ifeval_input_data.jsonl"
@@ -79,16 +81,71 @@ def load_ifeval_inputs(path: str | os.PathLike) -> list[dict]:
     return [rec for _, rec in load_inputs_with_lines(path)]
 
 
-def load_responses(path: str | os.PathLike) -> list[tuple[int, dict]]:
-    """(line, {prompt?, response}) records of a responses JSONL; `response` must be a string."""
+class Responses(list):
+    """(line, {prompt?, response}) records of a responses file, with its checksum header if it has one."""
+
+    def __init__(self, records, path: Path, prompts_sha256: str | None = None, header_line: int | None = None):
+        super().__init__(records)
+        self.path, self.prompts_sha256, self.header_line = path, prompts_sha256, header_line
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """SHA-256 (hex) of the prompts in order: UTF-8 of the compact JSON list `["p1","p2",...]`, non-ASCII
+    kept as is (`json.dumps(prompts, ensure_ascii=False, separators=(",", ":"))`)."""
+    blob = json.dumps(list(prompts), ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def load_responses(path: str | os.PathLike) -> Responses:
+    """Records of a responses JSONL; `response` must be a string, `prompt` (if present) too. A first record
+    `{"prompts_sha256": HEX}` (no `response`) is the header that lets records without prompts be paired
+    by order; see `match_responses`."""
     path = Path(path)
     records = read_jsonl(path, IFEvalDataError)
+    digest = header_line = None
+    if records and "response" not in records[0][1] and "prompts_sha256" in records[0][1]:
+        header_line, header = records.pop(0)
+        digest = header["prompts_sha256"]
+        if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+            raise IFEvalDataError(f"{path}:{header_line}: field 'prompts_sha256' must be 64 lower-case hex digits")
     for n, rec in records:
         if not isinstance(rec.get("response"), str):
             raise IFEvalDataError(f"{path}:{n}: field 'response' must be a string (records are {{prompt, response}})")
         if "prompt" in rec and not isinstance(rec["prompt"], str):
             raise IFEvalDataError(f"{path}:{n}: field 'prompt' must be a string")
-    return records
+    return Responses(records, path, digest, header_line)
+
+
+def write_responses(path: str | os.PathLike, prompts: Sequence[str], responses: Sequence[str], *,
+                    with_prompts: bool = True) -> Path:
+    """A responses file that `load_responses`/`match_responses` accept: `{prompt, response}` records, or
+    (`with_prompts=False`) a `{"prompts_sha256": ...}` header and `{response}` records in prompt order."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(responses)} responses for {len(prompts)} prompts")
+    if with_prompts:
+        rows = ({"prompt": p, "response": r} for p, r in zip(prompts, responses))
+    else:
+        rows = [{"prompts_sha256": prompts_sha256(prompts)}, *({"response": r} for r in responses)]
+    return write_jsonl(path, rows)
+
+
+def _by_order(inputs, responses, input_path, responses_path) -> list[str]:
+    """Pair a headed file by position: the checksum proves which prompts, in which order, it answers."""
+    where = f"{responses_path}:{responses.header_line}"
+    if len(responses) != len(inputs):
+        raise IFEvalDataError(f"{responses_path}: {len(responses)} responses for the {len(inputs)} prompts of "
+                              f"{input_path}; a file paired by order answers every prompt once")
+    if responses.prompts_sha256 != prompts_sha256([inp["prompt"] for _, inp in inputs]):
+        raise IFEvalDataError(f"{where}: prompts_sha256 {responses.prompts_sha256[:12]}… does not match "
+                              f"{input_path} (its prompts, in order); the responses were generated from other "
+                              "prompts or in another order")
+    position = {inp["prompt"]: i for i, (_, inp) in reversed(list(enumerate(inputs)))}
+    for i, (n, rec) in enumerate(responses):
+        j = position.get(rec.get("prompt"), i)
+        if rec.get("prompt") != inputs[i][1]["prompt"] and j != i:
+            raise IFEvalDataError(f"{responses_path}:{n}: prompt {rec['prompt'][:60]!r} is record {j + 1} of "
+                                  f"{input_path}, not record {i + 1}; the file is out of order")
+    return [rec["response"] for _, rec in responses]
 
 
 def match_responses(
@@ -97,30 +154,41 @@ def match_responses(
     input_path: str | os.PathLike = "<inputs>",
     responses_path: str | os.PathLike = "<responses>",
 ) -> list[str]:
-    """One response per input, found by exact prompt text; by order only when no prompt text matches at all.
+    """One response per input: by exact prompt text, or by order when the file's `prompts_sha256` header
+    matches the inputs' prompts (for prompts saved after a chat template, or not saved at all).
 
-    Order is the fallback for files whose prompts were rewritten (e.g. wrapped in a chat template) or
-    omitted; it requires the two files to have the same number of records.
-    """
-    by_prompt = {rec["prompt"]: rec["response"] for _, rec in responses if "prompt" in rec}
-    found = [inp["prompt"] in by_prompt for _, inp in inputs]
-    if any(found):
-        for (lineno, inp), ok in zip(inputs, found):
-            if not ok:
-                raise IFEvalDataError(
-                    f"{input_path}:{lineno}: no record in {responses_path} has this prompt "
-                    f"(key {inp['key']}, starts {inp['prompt'][:60]!r}); add a {{prompt, response}} record "
-                    "with the prompt text unchanged"
-                )
-        return [by_prompt[inp["prompt"]] for _, inp in inputs]
-    if len(responses) != len(inputs):
-        raise IFEvalDataError(
-            f"{responses_path}: no prompt matches {input_path} and the files have {len(responses)} vs "
-            f"{len(inputs)} records, so they cannot be paired by order either; write one "
-            "{prompt, response} record per input prompt"
-        )
-    print(f"note: no prompt in {responses_path} matches {input_path}; pairing records by order", file=sys.stderr)
-    return [rec["response"] for _, rec in responses]
+    Without a header every record needs a prompt that is one of the inputs', answered once."""
+    if getattr(responses, "prompts_sha256", None):
+        return _by_order(inputs, responses, input_path, responses_path)
+    known: dict[str, int] = {}
+    for lineno, inp in inputs:
+        if inp["prompt"] in known:
+            raise IFEvalDataError(f"{input_path}:{lineno}: prompt repeats line {known[inp['prompt']]}, so responses "
+                                  "matched by prompt cannot tell the two apart; pair by order with a prompts_sha256 "
+                                  "header instead")
+        known[inp["prompt"]] = lineno
+    by_prompt: dict[str, tuple[int, str]] = {}
+    for n, rec in responses:
+        if "prompt" not in rec:
+            raise IFEvalDataError(
+                f"{responses_path}:{n}: no 'prompt' field; give each record the prompt it answers, or start the "
+                "file with a {\"prompts_sha256\": ...} header of the input prompts to pair records by order")
+        prompt = rec["prompt"]
+        if prompt not in known:
+            raise IFEvalDataError(f"{responses_path}:{n}: prompt {prompt[:60]!r} is not in {input_path}; each "
+                                  "record's prompt must be an input prompt, unchanged")
+        if prompt in by_prompt:
+            raise IFEvalDataError(f"{responses_path}:{n}: prompt {prompt[:60]!r} already answered on line "
+                                  f"{by_prompt[prompt][0]}; keep one response per prompt")
+        by_prompt[prompt] = (n, rec["response"])
+    for lineno, inp in inputs:
+        if inp["prompt"] not in by_prompt:
+            raise IFEvalDataError(
+                f"{input_path}:{lineno}: no record in {responses_path} has this prompt "
+                f"(key {inp['key']}, starts {inp['prompt'][:60]!r}); add a {{prompt, response}} record "
+                "with the prompt text unchanged"
+            )
+    return [by_prompt[inp["prompt"]][1] for _, inp in inputs]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+from jaxtune.data.report import Report
 from jaxtune.jsonl import read_jsonl
 
 SCHEMA_VERSION = 1
@@ -58,6 +59,17 @@ def training_curves(rows: Sequence[dict]) -> dict:
         elif _finite(row.get("eval_loss")):
             ev.append([row["step"], float(row["eval_loss"])])
     return {"train": train, "eval": ev}
+
+
+def read_data_report(run_dir: str | Path) -> dict | None:
+    """The run's `data_report.json` (what training dropped and truncated), or None for runs without one."""
+    path = Path(run_dir) / "data_report.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); rerun training or delete the file") from None
 
 
 def forgetting_history(rows: Sequence[dict]) -> list[dict]:
@@ -124,11 +136,12 @@ def samples_section(base, tuned, n: int) -> list[dict]:
 
 def build_report(*, base_ifeval, tuned_ifeval, models: dict, settings: dict, base_rigidity=None,
                  tuned_rigidity=None, forgetting: dict | None = None, metrics_rows: Sequence[dict] | None = None,
-                 n_samples: int = 5) -> dict:
+                 data_report: dict | None = None, n_samples: int = 5) -> dict:
     """The report.json document from scored results (no model needed here).
 
     `forgetting` is a `ForgettingMonitor.measure` result for the tuned model (or None); `metrics_rows` are the
-    run's metrics.jsonl rows (or None when no run dir is given)."""
+    run's metrics.jsonl rows and `data_report` its data_report.json (None when no run dir is given); the data
+    report goes under `training.data`."""
     from jaxtune.version import __version__
 
     history = forgetting_history(metrics_rows) if metrics_rows else []
@@ -141,7 +154,8 @@ def build_report(*, base_ifeval, tuned_ifeval, models: dict, settings: dict, bas
         "ifeval": ifeval_section(base_ifeval, tuned_ifeval),
         "rigidity": rigidity_section(base_rigidity, tuned_rigidity) if tuned_rigidity is not None else None,
         "forgetting": ({"current": forgetting, "history": history} if forgetting is not None or history else None),
-        "training": training_curves(metrics_rows) if metrics_rows else None,
+        "training": ({**training_curves(metrics_rows or []), **({"data": data_report} if data_report else {})}
+                     if metrics_rows or data_report else None),
         "samples": samples_section(base_ifeval, tuned_ifeval, n_samples),
     }
 
@@ -318,6 +332,9 @@ def render_html(report: dict, figs: dict[str, bytes] | None = None) -> str:
         parts.append(_img(figs, "forgetting"))
     if report.get("training"):
         parts.append("<h2>Training</h2>" + _img(figs, "loss_curves"))
+        if report["training"].get("data"):
+            parts.append("<h3>Data (what training dropped and truncated)</h3>"
+                         f"<pre>{e(Report.from_dict(report['training']['data']).summary())}</pre>")
     parts.append("<h2>Sample generations</h2>")
     for s in report["samples"]:
         parts.append(f"<h4>{e(str(s['key']))}: {e(', '.join(s['instruction_id_list']))}</h4>"

@@ -128,7 +128,12 @@ def family(model_type: str | None) -> Family:
 def from_hf_config(hf: Any, **runtime: Any) -> ModelConfig:
     """A `transformers.PretrainedConfig` → ModelConfig (`runtime`: scan_layers, remat, attention_impl)."""
     fam = family(get(hf, "model_type"))
-    return ModelConfig(model_type=fam.model_type, **fam.from_hf(hf), **runtime)
+    try:
+        fields = fam.from_hf(hf)
+    except (TypeError, AttributeError, KeyError) as e:  # a field missing or of the wrong type
+        raise UnsupportedConfigError(f"model_type={fam.model_type!r}: a config field is missing or malformed ({e})") \
+            from None
+    return ModelConfig(model_type=fam.model_type, **fields, **runtime)
 
 
 def nnx_to_hf(model_type: str, path: tuple, layer: int | None = None) -> str:

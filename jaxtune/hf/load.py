@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.hf.families import family, from_hf_config
-from jaxtune.hf.safetensors import CheckpointError, read_safetensors
+from jaxtune.hf.families import Family, family, from_hf_config
+from jaxtune.hf.safetensors import CheckpointError, read_header, read_safetensors
 from jaxtune.hf.tensors import Gather
-from jaxtune.model.config import ModelConfig
+from jaxtune.model.config import ModelConfig, UnsupportedConfigError
 from jaxtune.model.sharding import variable_sharding
 from jaxtune.model.transformer import Transformer
 
@@ -56,14 +56,77 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[Path, str, np.ndarray]]:
                 yield f, name, t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
+def _refuse_integer(fam: Family, file: Path, name: str, dtype) -> None:
+    """An integer or bool tensor where a float weight belongs: casting it would load garbage without a word."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iub" and not fam.ignores(name):
+        raise CheckpointError(f"{file}: tensor {name!r} is {dtype.name} where a float weight belongs; "
+                              "re-export the checkpoint with floating-point weights")
+
+
+def weight_headers(model_dir: Path, fam: Family, allow_pickle: bool = False) -> dict[Path, dict | None]:
+    """Each weight file's tensors as {name: (dtype, shape)} (None for pickle files, which have no header),
+    opening every safetensors file once: a truncated or corrupt file, or an integer weight, fails here,
+    before any tensor bytes are read."""
+    out: dict[Path, dict | None] = {}
+    for f in weight_files(model_dir, allow_pickle):
+        out[f] = read_header(f) if f.suffix == ".safetensors" else None
+        for name, (dtype, _) in (out[f] or {}).items():
+            _refuse_integer(fam, f, name, dtype)
+    return out
+
+
+def nonfinite_counts(model_dir: Path, fam: Family, chunk: int = 1 << 24) -> Iterator[tuple[Path, str, int, int]]:
+    """(file, tensor, NaN count, Inf count) for every tensor, read one tensor (and `chunk` values) at a time."""
+    weight_headers(model_dir, fam)
+    for file, name, arr in _iter_tensors(weight_files(model_dir)):
+        flat, nan, inf = arr.reshape(-1), 0, 0
+        if flat.dtype.kind not in "iub":
+            for i in range(0, flat.size, chunk):
+                part = flat[i: i + chunk]
+                nan, inf = nan + int(np.isnan(part).sum()), inf + int(np.isinf(part).sum())
+        yield file, name, nan, inf
+
+
 def load_hf_config(model_dir: str | Path):
+    """The `transformers` config of an HF model dir. A missing dir or config.json, invalid JSON or a model_type
+    without a jaxtune family is refused here, naming the file, before `transformers` parses it (its errors for
+    unknown model types span paragraphs). Remote code is never run."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        what = "not a directory" if model_dir.exists() else "no such directory"
+        raise CheckpointError(f"{model_dir}: {what} (expected an HF model dir with config.json)")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{model_dir}: no config.json (expected an HF model dir with config.json)")
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    try:
+        family(raw.get("model_type") if isinstance(raw, dict) else None)
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{path}: {e}") from None
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 — its failures on a bad file come in many classes, some bare Exception
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise CheckpointError(f"{path}: transformers cannot read it: {reason}") from None
+
+
+def read_config(model_dir: str | Path, **runtime):
+    """(the `transformers` config, ModelConfig) of an HF model dir; every refusal names its config.json."""
+    hf = load_hf_config(model_dir)
+    try:
+        return hf, from_hf_config(hf, **runtime)
+    except UnsupportedConfigError as e:
+        raise UnsupportedConfigError(f"{Path(model_dir) / 'config.json'}: {e}") from None
 
 
 def load_config(model_dir: str | Path, **runtime) -> ModelConfig:
-    return from_hf_config(load_hf_config(model_dir), **runtime)
+    return read_config(model_dir, **runtime)[1]
 
 
 def _model_path(path: tuple, scanned: bool) -> tuple[tuple, int | None]:
@@ -79,8 +142,6 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh
     """Build the model abstractly, then fill each parameter from the checkpoint in `param_dtype` (default
     `dtype`), placed with the mesh's sharding rules. `runtime` sets ModelConfig options (scan_layers, remat…)."""
     model_dir = Path(path)
-    if not model_dir.is_dir():
-        raise CheckpointError(f"{model_dir} is not a directory (expected an HF model dir with config.json)")
     cfg = load_config(model_dir, **runtime)
     param_dtype = param_dtype or dtype
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
@@ -93,6 +154,12 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
+def _check_shape(source, path: tuple, shape, want) -> None:
+    if tuple(shape) != tuple(want):
+        raise CheckpointError(f"{source}: {'/'.join(map(str, path))} has shape {tuple(shape)}, the model config "
+                              f"expects {tuple(want)}")
+
+
 def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sharding_of) -> dict[tuple, jax.Array]:
     """Every parameter of `flat` from the checkpoint, through the family's tensor table (transforms run on the
     host, per rule as soon as its tensors are read; scanned layers are stacked at the end)."""
@@ -101,25 +168,25 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
     stacked: dict[tuple, dict[int, np.ndarray]] = {}
     filled: dict[tuple, jax.Array] = {}
 
-    def place(path, arr):
+    def place(path, arr, source):
         var = flat[path]
-        want = tuple(var.shape)
-        if tuple(arr.shape) != want:
-            raise CheckpointError(f"tensor for {'/'.join(map(str, path))}: shape {tuple(arr.shape)}, "
-                                  f"model config expects {want}")
+        _check_shape(source, path, arr.shape, var.shape)
         arr = np.asarray(arr).astype(var.dtype)
         sharding = sharding_of(var)
         filled[path] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
-    def put(pairs):
+    def put(pairs, source):
         for nnx_path, arr in pairs:
             p, layer = _model_path(nnx_path, cfg.scan_layers)
             if layer is None:
-                place(p, arr)
+                place(p, arr, source)
             else:
+                _check_shape(source, nnx_path, arr.shape, flat[p].shape[1:])
                 stacked.setdefault(p, {})[layer] = np.asarray(arr)
 
-    for file, name, arr in _iter_tensors(weight_files(model_dir, allow_pickle)):
+    files = list(weight_headers(model_dir, fam, allow_pickle))  # every header checked before any bytes are read
+    for file, name, arr in _iter_tensors(files):
+        _refuse_integer(fam, file, name, arr.dtype)
         hit = table.match_hf(name)
         paths = [] if hit is None else table.nnx_paths(hit.rule, hit.layer)
         targets = [_model_path(p, cfg.scan_layers)[0] for p in paths]
@@ -129,13 +196,13 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
                 continue
             raise CheckpointError(f"{file}: tensor {name!r} has no place in a {cfg.model_type} model with this "
                                   "config (unsupported architecture variant or mismatched config.json)")
-        put(gather.add(hit, arr))
-    put(gather.finish())
+        put(gather.add(hit, arr), f"{file}: tensor {name!r}")
+    put(gather.finish(), model_dir)
     for p, per_layer in stacked.items():
         if sorted(per_layer) != list(range(cfg.num_hidden_layers)):
             raise CheckpointError(f"{model_dir}: {'/'.join(map(str, p))} found for layers {sorted(per_layer)}, "
                                   f"expected 0..{cfg.num_hidden_layers - 1}")
-        place(p, np.stack([per_layer[i] for i in range(cfg.num_hidden_layers)]))
+        place(p, np.stack([per_layer[i] for i in range(cfg.num_hidden_layers)]), model_dir)
     missing = [p for p in flat if p not in filled]
     if missing:
         names = ", ".join("/".join(map(str, p)) for p in missing[:5])

@@ -1,7 +1,8 @@
 """The safetensors format, both directions, with one dtype-code table.
 
-Reading memory-maps the file (nothing is copied until a tensor is used); writing streams lazily computed
-tensors, header first from their shapes, so neither side holds a second copy of a model.
+Reading validates each file with the `safetensors` library, then memory-maps it (nothing is copied until a
+tensor is used); writing streams lazily computed tensors, header first from their shapes, so neither side
+holds a second copy of a model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Iterator
 import jax
 import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 # safetensors dtype code → numpy dtype (bf16 via ml_dtypes); the writer uses the inverse.
 DTYPE_CODES = {
@@ -45,20 +47,45 @@ class Tensor:
         return arr
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(name, array)` from one safetensors file via a read-only memmap."""
+def _parse(path: Path) -> tuple[int, dict[str, dict]]:
+    """(where the tensor bytes begin, the header's tensor entries), after the `safetensors` library has
+    validated the whole layout: header size and JSON, dtypes, and offsets covering the file exactly."""
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); re-download or re-export it") from None
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    base = 8 + n
+    header.pop("__metadata__", None)
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
         if info["dtype"] not in DTYPE_CODES:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    return 8 + n, header
+
+
+def read_header(path: Path) -> dict[str, tuple[np.dtype, tuple]]:
+    """Each tensor's (dtype, shape) from one validated file, without reading any tensor bytes."""
+    return {name: (dtype_of(info), tuple(info["shape"])) for name, info in _parse(path)[1].items()}
+
+
+def dtype_of(info: dict) -> np.dtype:
+    return np.dtype(DTYPE_CODES[info["dtype"]])
+
+
+def read_safetensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(name, array)` from one validated safetensors file as zero-copy views of a read-only memmap.
+
+    Not `safe_open(...).get_tensor`: it copies each tensor into fresh memory, and a loader stacking scanned
+    layers holds every layer's tensors until the end, so copies would cost host memory the size of the model."""
+    base, header = _parse(path)
+    if not header:
+        return
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, info in header.items():
         start, end = info["data_offsets"]
-        yield name, mm[base + start: base + end].view(DTYPE_CODES[info["dtype"]]).reshape(info["shape"])
+        yield name, mm[base + start: base + end].view(dtype_of(info)).reshape(info["shape"])
 
 
 def write_safetensors(path: Path, tensors: list[Tensor], metadata: dict | None = None) -> None:

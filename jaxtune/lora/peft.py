@@ -61,9 +61,12 @@ def peft_config_dict(cfg: LoraConfig, model, base_model_name_or_path: str | None
 
 
 def save_peft_adapter(model, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
-                      tokenizer=None, chat_template: str | None = None) -> Path:
+                      tokenizer=None, chat_template: str | None = None, force: bool = False,
+                      protect: dict[str, str | Path | None] | None = None) -> Path:
     """`adapter_model.safetensors` + `adapter_config.json` that `peft.PeftModel.from_pretrained(base,
-    out_dir)` loads with identical logits; the LoRA config is the one `apply_lora` recorded on the model."""
+    out_dir)` loads with identical logits; the LoRA config is the one `apply_lora` recorded on the model.
+    The target is guarded as in `jaxtune.files.atomic_dir` (`force`, `protect`); a local base model dir is
+    protected too."""
     cfg = getattr(model, "lora_config", None)
     if cfg is None:
         raise ValueError("save_peft_adapter: the model has no LoRA adapters (apply_lora or load_peft_adapter first)")
@@ -77,7 +80,9 @@ def save_peft_adapter(model, out_dir: str | Path, *, base_model_name_or_path: st
 
             tensors.append(Tensor(f"{PEFT_PREFIX}{name}.{part}.weight", shape, var.dtype, make))
     config = peft_config_dict(cfg, model, base_model_name_or_path)
-    with atomic_dir(out_dir) as tmp:
+    base = base_model_name_or_path
+    guarded = {"the base model directory": base if base and Path(base).is_dir() else None, **(protect or {})}
+    with atomic_dir(out_dir, kind="peft-adapter", force=force, protect=guarded) as tmp:
         write_safetensors(tmp / ADAPTER_WEIGHTS, tensors)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:

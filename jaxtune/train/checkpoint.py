@@ -10,7 +10,11 @@ the live (abstract) tree's structure, so any optax state layout round-trips.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
+import logging
+import os
 import subprocess
 import sys
 from importlib import metadata
@@ -20,6 +24,16 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
+
+from jaxtune.faults import fault_at
+
+
+class CheckpointWriteError(OSError):
+    """A save failed (e.g. the disk is full); the checkpoints already committed are left as they were."""
+
+    def __init__(self, err_no: int | None, message: str):
+        super().__init__(message)  # str(): the message alone, without "[Errno N]"
+        self.errno = err_no
 
 
 def _key_name(k) -> str:
@@ -58,6 +72,23 @@ def from_nested(nested: dict, like):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+@contextlib.contextmanager
+def _absl_quiet(level: int):
+    """Raise the level of absl's logger (orbax logs through it) for the duration."""
+    log = logging.getLogger("absl")
+    old = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def _shapes(tree) -> dict[str, tuple]:
+    return {".".join(_names(path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(leaf, "shape")}
+
+
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
                         tree)
@@ -81,17 +112,51 @@ class Checkpointer:
         )
         self.directory = Path(directory).absolute()
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._saving: int | None = None  # the step whose (async) write may still fail
+        self._failed = False
 
     def save(self, step: int, trainable, opt_state, meta: dict, eval_loss: float | None = None) -> None:
         """Start saving `step` (returns once device buffers are copied; the write continues in the
-        background). `eval_loss` ranks the checkpoint for keep-best."""
+        background). `eval_loss` ranks the checkpoint for keep-best. A failed write, this one's or the
+        previous one's, raises `CheckpointWriteError` naming the last committed step."""
         args = ocp.args.Composite(
             trainable=ocp.args.StandardSave(to_nested(trainable)),
             opt_state=ocp.args.StandardSave(to_nested(opt_state)),
             meta=ocp.args.JsonSave(meta),
         )
         metrics = None if eval_loss is None else {"eval_loss": float(eval_loss)}
+        with self._writing(step):
+            self._write(step, args, metrics)
+        fault_at("checkpoint.mid_save", step)
+
+    def _write(self, step: int, args, metrics) -> None:
         self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def _committed(self) -> int | None:
+        """Latest step whose directory orbax finalized (renamed from its temporary name)."""
+        steps = [int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()]
+        return max(steps, default=None)
+
+    @contextlib.contextmanager
+    def _writing(self, step: int | None):
+        """Turn an OSError of a write into one line: what failed, and the checkpoint still intact."""
+        if step is not None:
+            self._saving = step
+        try:
+            yield
+        except CheckpointWriteError:
+            raise
+        except OSError as err:
+            self._failed = True
+            why = os.strerror(err.errno) if err.errno else str(err)
+            with contextlib.suppress(Exception):  # an earlier save still in flight may yet commit
+                self.manager.wait_until_finished()
+            last = self._committed()
+            kept = "no checkpoint was committed yet" if last is None else \
+                f"the last good checkpoint is step {last}, left intact"
+            todo = "free space, then resume with --resume" if err.errno == errno.ENOSPC else "resume with --resume"
+            raise CheckpointWriteError(err.errno, f"{self.directory.parent}: saving checkpoint step {self._saving} "
+                                       f"failed: {why}; {kept} ({todo})") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -120,16 +185,37 @@ class Checkpointer:
         return from_nested(out["trainable"], trainable_like), from_nested(out["opt_state"], opt_state_like), \
             out["meta"]
 
+    def shape_mismatches(self, step: int, trainable_like) -> list[str]:
+        """`name: stored (2, 64) != (8, 64)` for each trainable array whose stored shape differs from the live
+        tree's (or that only one side has), read from the checkpoint's metadata without restoring anything."""
+        with _absl_quiet(logging.ERROR), ocp.StandardCheckpointer() as reader:  # "no step metadata" warning
+            md = reader.metadata(self.directory / str(step) / "trainable")
+        tree = getattr(md, "item_metadata", md)
+        stored = _shapes(getattr(tree, "tree", tree))
+        live = _shapes(to_nested(trainable_like))
+        return [f"{k}: stored {stored.get(k)} != {live.get(k)}" for k in sorted(stored.keys() | live.keys())
+                if stored.get(k) != live.get(k)]
+
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        # orbax logs a failed background write with its traceback before raising it; `_writing` says it in one line
+        with self._writing(None), _absl_quiet(logging.CRITICAL + 1):
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the last save and release orbax's threads; a failure already reported is not raised again."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            try:
+                self.manager.close()
+            except OSError:
+                if not self._failed:
+                    raise
 
 
 # --- provenance -------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ import numpy as np
 
 from jaxtune.eval import forgetting
 from jaxtune.model.sharding import shard_batch
-from jaxtune.recipe import RecipeConfig, to_dict
+from jaxtune.recipe import RecipeConfig
+from jaxtune.structs import to_dict
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.plan import Parts

@@ -4,7 +4,8 @@
 
 Resume is exact: parameters and optimizer state come from the checkpoint, the data loader continues from
 its saved grain state, and each step's RNG is `fold_in(seed key, step)`, so N steps + resume + N steps
-reproduce a 2N-step run bit for bit.
+reproduce a 2N-step run bit for bit. A resume first compares the recipe with the run's (`check_recipe`,
+train/resume.py) and refuses changes that would break that, naming the keys.
 """
 
 from __future__ import annotations
@@ -22,10 +23,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.cache import enable_compile_cache
+from jaxtune.faults import fault_at
 from jaxtune.model.config import parse_dtype
 from jaxtune.model.sharding import MESH_AXES, maybe_initialize_distributed, shard_batch
 from jaxtune.recipe import ConfigError, RecipeConfig, dump_recipe
+from jaxtune.structs import from_dict, to_dict
 from jaxtune.train import metrics as metrics_lib
+from jaxtune.train import resume as resume_lib
 from jaxtune.train.checkpoint import Checkpointer, content_hash, provenance
 from jaxtune.train.hooks import Run, TrainState, make_hooks, run_hooks
 from jaxtune.train.plan import assemble, build_mesh, micro_rows
@@ -59,22 +63,42 @@ class RunResult:
     export_dir: Path | None = None
 
 
-def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = None) -> RunResult:
+def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = None,
+          allow_changes: bool = False) -> RunResult:
     """Run (or resume) the recipe. `stop_after` ends this invocation once that many steps are done
-    (checkpointing there) without changing the schedule, as a preempted job would."""
+    (checkpointing there) without changing the schedule, as a preempted job would. A resume first checks
+    the recipe against the run's (`check_recipe`); `allow_changes` lets any key differ."""
     maybe_initialize_distributed()
+    notes = check_recipe(cfg, allow_changes=allow_changes) if resume else []
     if cfg.train.compile_cache:
         enable_compile_cache()
     run, state = set_up(cfg, resume=resume, stop_after=stop_after)
     try:
+        for line in notes:
+            run.bar.log(line)
         hooks = make_hooks(run, state)
         with gc_frozen():
             while state.step < run.end:
                 run_step(run, state)
                 run_hooks(hooks, state)
+                fault_at("train.after_step", state.step)
     finally:
         run.close()
     return finish(run, state)
+
+
+def check_recipe(cfg: RecipeConfig, *, allow_changes: bool) -> list[str]:
+    """Compare the recipe with the one the run's latest checkpoint was trained with, before anything is
+    loaded (train/resume.py says which keys may change). Returns the notes to log."""
+    saved = resume_lib.saved_recipe(Path(cfg.output.run_dir))
+    if saved is None:
+        return []
+    step, old = saved
+    try:
+        old = to_dict(from_dict(RecipeConfig, old))  # today's defaults for keys added since it was written
+    except (ValueError, TypeError):
+        pass
+    return resume_lib.check_changes(Path(cfg.output.run_dir), step, old, to_dict(cfg), allow_changes=allow_changes)
 
 
 # --- set-up -----------------------------------------------------------------------------------------------
@@ -82,7 +106,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = N
 
 def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[Run, TrainState]:
     """Everything the loop needs, from the recipe; on `resume`, the state of the latest checkpoint."""
-    from jaxtune.data.prepare import prepare_dataset
+    from jaxtune.data.prepare import check_ceilings, prepare_dataset
     from jaxtune.lora.apply import count_params
 
     t = cfg.train
@@ -90,7 +114,8 @@ def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[
     mesh = build_mesh(cfg)
     micro_rows(cfg, mesh)
     model, tokenizer, token_ids = load_model(cfg, mesh)
-    train_examples, val_examples, _ = prepare_dataset(cfg.data, tokenizer)
+    train_examples, val_examples, data_report = prepare_dataset(cfg.data, tokenizer)
+    check_ceilings(data_report, cfg.data)  # before any step is built: refuse data that lost too much
     loader, eval_batches = make_loaders(cfg, train_examples, val_examples, tokenizer)
     total_steps = t.steps or loader.total_steps
     parts, trainable, opt_state = assemble(cfg, model, token_ids, mesh, total_steps)
@@ -110,12 +135,16 @@ def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[
               end=total_steps if stop_after is None else min(total_steps, stop_after), provenance=prov,
               flops_per_token=metrics_lib.train_flops_per_token(model.config, cfg.data.seq_len, n_params, n_trainable),
               peak_flops=metrics_lib.peak_flops(),
-              writer=metrics_lib.MetricsWriter(run_dir, tensorboard=cfg.output.tensorboard),
+              writer=metrics_lib.MetricsWriter(run_dir, tensorboard=cfg.output.tensorboard,
+                                               kept_through=state.step or None),
               bar=metrics_lib.Progress(total_steps, initial=state.step, enabled=cfg.output.progress), ckpt=ckpt)
     if metrics_lib.is_writer():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_recipe(cfg))
         (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
+        (run_dir / "data_report.json").write_text(json.dumps(data_report.to_dict(), indent=2) + "\n")
+    run.bar.log("data:\n  " + data_report.summary().replace("\n", "\n  "))
+    run.writer.text("data/report", data_report.summary(), state.step)
     if note:
         run.bar.log(note)
     run.bar.log(f"run {run_dir}: {total_steps} steps, mesh {dict(zip(MESH_AXES, mesh.devices.shape))}, "
@@ -176,13 +205,23 @@ def restore(ckpt: Checkpointer, loader, prov: dict, fresh: TrainState, *,
         return fresh, None
     if latest is None:
         return fresh, f"--resume: no checkpoint in {ckpt.directory} yet, starting at step 0"
+    # Shapes first, from the metadata: a failed orbax restore leaves threads that print tracebacks at exit.
+    if bad := ckpt.shape_mismatches(latest, fresh.trainable):
+        raise ConfigError(f"{ckpt.directory}: checkpoint step {latest} does not fit the model this recipe builds "
+                          f"({'; '.join(bad[:3])}{'; …' if len(bad) > 3 else ''}); keys that shape the trainable "
+                          "weights (lora.*, train.mode, model.*) cannot change on resume: start a new output.run_dir")
     trainable, opt_state, meta = ckpt.restore(None, fresh.trainable, fresh.opt_state)
     _check_resume(meta, prov, ckpt.directory)
-    loader.set_state(meta["data_state"])
+    try:
+        loader.set_state(meta["data_state"])
+    except ValueError as e:
+        raise ConfigError(f"{e}; a changed train.steps that needs more epochs of data than the run was built "
+                          "with also changes the loader: keep train.steps within them, or start a new "
+                          "output.run_dir") from None
     step = int(meta["step"])
     key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     return TrainState(step, trainable, opt_state, key, bad_in_row=int(meta.get("bad_in_row", 0)),
-                      last_saved=step), None
+                      last_saved=step), f"resumed from checkpoint step {step} in {ckpt.directory}"
 
 
 def _check_resume(meta: dict, prov: dict, ckpt_dir: Path) -> None:
@@ -234,9 +273,11 @@ def nan_guard(run: Run, s: TrainState, finite: bool) -> None:
     s.skipped += 1
     run.bar.log(f"step {s.step}: non-finite loss or gradient; update skipped ({s.bad_in_row} in a row)")
     if t.nan_policy == "stop" or s.bad_in_row >= t.max_bad_steps:
+        good = (f"checkpoint step {s.last_saved} is the last good one" if s.last_saved else
+                "no checkpoint was saved before it")
         raise TrainingStopped(f"stopped at step {s.step} after {s.bad_in_row} non-finite step(s) in a row "
-                              f"(train.nan_policy={t.nan_policy}, max_bad_steps={t.max_bad_steps}); "
-                              f"checkpoint step {s.last_saved} is the last good one")
+                              f"(train.nan_policy={t.nan_policy}, max_bad_steps={t.max_bad_steps}); {good} "
+                              f"(run dir {run.run_dir}; resume with --resume once the data or lr is fixed)")
 
 
 # --- finish -----------------------------------------------------------------------------------------------
@@ -260,14 +301,16 @@ def export(cfg: RecipeConfig, model, tokenizer, token_ids, run_dir: Path, log) -
 
     out = run_dir / "export"
     template = resolve_template(cfg.data.chat_template, tokenizer)
+    # RUN/export is the run's own; `force` lets it replace an export an older jaxtune wrote there without a
+    # marker (the refusals that protect models, run dirs and the working directory still apply).
     save_merged(model, tokenizer, out / "merged", source_dir=cfg.model.path if Path(cfg.model.path).is_dir() else None,
-                chat_template=template)
+                chat_template=template, force=True)
     log(f"exported merged model to {out / 'merged'}")
     if cfg.lora is not None and token_ids:
         log("adapter export skipped: the run trained added-token embedding rows, which a PEFT LoRA adapter "
             "does not carry; use export/merged")
     elif cfg.lora is not None:
         save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.model.path, tokenizer=tokenizer,
-                          chat_template=template)
+                          chat_template=template, force=True)
         log(f"exported PEFT adapter to {out / 'adapter'}")
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,9 +51,11 @@ def is_writer() -> bool:
 
 
 class MetricsWriter:
-    """`metrics.jsonl` + TensorBoard scalars for one run dir; appends on resume."""
+    """`metrics.jsonl` + TensorBoard scalars for one run dir. `kept_through`: the step the run resumes from;
+    rows after it (written before a crash, and about to be written again) are dropped from metrics.jsonl and
+    purged from TensorBoard, so each step appears once. None (a run starting at step 0) keeps none."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True, kept_through: int | None = None):
         self.enabled = is_writer()
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
@@ -60,11 +63,13 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        truncate_rows(self.path, kept_through)
         self._file = open(self.path, "a")
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            purge = 0 if kept_through is None else kept_through + 1
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def write(self, step: int, metrics: dict, split: str = "train") -> None:
         if not self.enabled:
@@ -78,6 +83,11 @@ class MetricsWriter:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(f"{split}/{k}", v, step)
 
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        """A preformatted text panel in TensorBoard (e.g. the data report); metrics.jsonl keeps numbers only."""
+        if self._tb is not None:
+            self._tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), step)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -85,6 +95,24 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+
+def truncate_rows(path: Path, kept_through: int | None) -> None:
+    """Keep the rows of `path` with step <= `kept_through` (none if None), and drop a line a kill cut short;
+    atomically: a temp file renamed over the old one."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if kept_through is not None and row.get("step", 0) <= kept_through:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def _scalar(v):
