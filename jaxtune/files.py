@@ -33,6 +33,20 @@ _MAX_CHECKED = 10_000  # entries walked before a forced replace gives up looking
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` through a temp file beside it and a rename: a kill leaves the old file or the
+    new one, never half of either."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _say(msg: str) -> None:
     print(f"[jaxtune] {msg}", file=sys.stderr, flush=True)
 

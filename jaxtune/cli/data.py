@@ -24,9 +24,9 @@ def _columns(pairs: list[str]) -> dict[str, str]:
 def run_stats(args) -> int:
     tokenizer = template = None
     if args.tokenizer:
-        from transformers import AutoTokenizer
+        from jaxtune.hf.load import load_tokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = load_tokenizer(args.tokenizer)
         template = resolve_template(args.template, tokenizer)
     stats, report = file_stats(args.file, fmt=args.format, columns=_columns(args.column), rejects_path=args.rejects,
                                tokenizer=tokenizer, template=template, seq_len=args.seq_len, train_on=args.train_on,

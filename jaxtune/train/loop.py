@@ -24,6 +24,7 @@ from flax import nnx
 
 from jaxtune.cache import enable_compile_cache
 from jaxtune.faults import fault_at
+from jaxtune.files import write_text_atomic
 from jaxtune.model.config import parse_dtype
 from jaxtune.model.sharding import MESH_AXES, maybe_initialize_distributed, shard_batch
 from jaxtune.recipe import ConfigError, RecipeConfig, dump_recipe
@@ -140,9 +141,9 @@ def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[
               bar=metrics_lib.Progress(total_steps, initial=state.step, enabled=cfg.output.progress), ckpt=ckpt)
     if metrics_lib.is_writer():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_recipe(cfg))
-        (run_dir / "provenance.json").write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
-        (run_dir / "data_report.json").write_text(json.dumps(data_report.to_dict(), indent=2) + "\n")
+        write_text_atomic(run_dir / "config.yaml", dump_recipe(cfg))
+        write_text_atomic(run_dir / "provenance.json", json.dumps(prov, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(run_dir / "data_report.json", json.dumps(data_report.to_dict(), indent=2) + "\n")
     run.bar.log("data:\n  " + data_report.summary().replace("\n", "\n  "))
     run.writer.text("data/report", data_report.summary(), state.step)
     if note:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import jax
+
+from jaxtune.files import write_text_atomic
 
 # Dense bf16 peak FLOP/s per chip, by `device_kind` prefix (vendor datasheets). CPUs have no entry: no MFU.
 PEAK_BF16_FLOPS = {
@@ -110,9 +111,7 @@ def truncate_rows(path: Path, kept_through: int | None) -> None:
             continue
         if kept_through is not None and row.get("step", 0) <= kept_through:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def _scalar(v):

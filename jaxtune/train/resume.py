@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from jaxtune.files import write_text_atomic
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import Checkpointer
 
@@ -79,7 +80,7 @@ def check_changes(run_dir: Path, step: int, old: dict, new: dict, *, allow_chang
                          "or start a new output.run_dir")
     kept = run_dir / f"config.{step}.yaml"
     if metrics_lib.is_writer():
-        kept.write_text(yaml.safe_dump(old, sort_keys=False))
+        write_text_atomic(kept, yaml.safe_dump(old, sort_keys=False))
     notes = [f"resume: {k}: {_show(a)} -> {_show(b)}" + ("" if k in MAY_CHANGE else " (--allow-changes)")
              for k, a, b in changes]
     if any(k == "train.steps" for k, _, _ in changes):
