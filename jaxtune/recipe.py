@@ -4,7 +4,8 @@ Unknown keys and wrong types fail with the file, line and key path (`quickstart.
 unknown key`); `--set train.steps=50` overrides any key before validation. Sections: `model`, `data`
 (`data.config.DataConfig`), `lora` (`lora.LoraConfig`, only with `train.mode: lora`), `optim`
 (`train.optim.OptimConfig`), `train`, `mesh` (`{data: -1}` etc.), `output`, and `forgetting`
-(optional, `eval.forgetting.ForgettingConfig`).
+(optional, `eval.forgetting.ForgettingConfig`; checked every `train.forgetting_every` steps, with
+`warn_at` / `stop_at` thresholds on the relative perplexity rise).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class TrainSection:
     """`mode`: lora | full (with `freeze`: dotted sub-paths kept frozen). `steps`: optimizer steps (null:
     `data.num_epochs` epochs; more steps than that add epochs). `batch_size`: global sequences per optimizer
     step, split into `optim.grad_accum_steps` micro-batches. `*_every`: in steps, 0 = only at the end
-    (eval, save) or never (forgetting). `keep_best` ranks by eval loss. `nan_policy`: skip a non-finite
+    (eval, save) or never (forgetting; a check at or above `forgetting.stop_at` ends the run early, with a
+    checkpoint and the export). `keep_best` ranks by eval loss. `nan_policy`: skip a non-finite
     step (stop after `max_bad_steps` in a row) or stop at the first. `compile_cache`: keep compiled steps in
     JAX's persistent cache under `$JAXTUNE_CACHE_DIR/xla` (a cache dir set for JAX wins), so a re-run skips
     XLA compilation."""
@@ -170,6 +172,12 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2 booleans: only true/false. PyYAML's 1.1 rules read `off`, `no`, `on`, `yes` as booleans, so
+# `method: off` would arrive as False.
+_Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -266,10 +274,16 @@ def resolve_path(value: str, recipe_dir: Path) -> str:
     return str(beside) if beside.exists() else value
 
 
-def _resolve_paths(raw: dict, recipe_dir: Path) -> dict:
-    for section, keys in (("model", ("path", "tokenizer")), ("data", ("train", "validation", "chat_template")),
-                          ("forgetting", ("base_text", "general_text", "probes"))):
-        sec = raw.get(section)
+RECIPE_PATHS = (("model", ("path", "tokenizer")), ("data", ("train", "validation", "chat_template")),
+                ("forgetting", ("base_text", "general_text", "probes")))
+
+
+def _resolve_paths(raw: dict, recipe_dir: Path, paths=RECIPE_PATHS) -> dict:
+    """Resolve the path-valued keys `paths` names: (dotted section, keys) pairs."""
+    for section, keys in paths:
+        sec = raw
+        for part in section.split("."):
+            sec = sec.get(part) if isinstance(sec, dict) else None
         if isinstance(sec, dict):
             for k in keys:
                 if isinstance(sec.get(k), str):
@@ -290,8 +304,9 @@ def _blame(msg: str, overrides: list[str], lines: dict[str, int]) -> str | None:
     return None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """Read, override, resolve paths and validate one recipe file."""
+def load_config(path: str | Path, cls, overrides: list[str] | None = None, paths=RECIPE_PATHS):
+    """Read a YAML file, apply `--set` overrides, resolve the path keys `paths` names and build dataclass
+    `cls`; every error names the file and line (or the `--set` that caused it)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
@@ -308,14 +323,19 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
         raise ConfigError(f"{path}: a recipe is a mapping of sections (model:, data:, train:, …)")
     overrides, lines = list(overrides or []), _key_lines(text)
     apply_overrides(raw, overrides)
-    _resolve_paths(raw, path.resolve().parent)
+    _resolve_paths(raw, path.resolve().parent, paths)
     try:
-        return from_dict(RecipeConfig, raw)
+        return from_dict(cls, raw)
     except ValueError as e:
         msg = str(e)
         overridden, line = _blame(msg, overrides, lines), _line_for(lines, msg)
         where = f"--set {_arg(overridden)}" if overridden else (f"{path}:{line}" if line else str(path))
         raise ConfigError(f"{where}: {msg}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
+    """Read, override, resolve paths and validate one training recipe file."""
+    return load_config(path, RecipeConfig, overrides)
 
 
 def dump_recipe(cfg: RecipeConfig) -> str:

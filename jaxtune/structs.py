@@ -106,6 +106,9 @@ def from_dict(cls, data, key: str = ""):
         return cls(**kwargs)
     except ValueError as e:
         msg = str(e)
+        parent, _, last = key.rpartition(".")
+        if parent and msg.startswith((f"{last}.", f"{last}:", f"{last}=")):
+            msg = f"{parent}.{msg}"  # a section that names itself as at the top level, nested here (tune.optim)
         named = not key or msg.startswith((f"{key}.", f"{key}:", f"{key}=")) or ":" in msg.split(" ")[0]
         raise ValueError(msg if named else f"{key}: {msg}") from None
 

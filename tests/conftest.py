@@ -62,3 +62,12 @@ class _Zoo:
 @pytest.fixture(scope="session")
 def hf_zoo(tmp_path_factory) -> _Zoo:
     return _Zoo(tmp_path_factory.mktemp("hf_zoo"))
+
+
+@pytest.fixture(scope="session")
+def html_checker():
+    """`check_page(path) -> PageCheck` (tests/browser.py) in one headless Chromium for the whole session; skips
+    without a browser unless JAXTUNE_REQUIRE_BROWSER=1 (CI), where that is a failure."""
+    from browser import checker_session
+
+    yield from checker_session()

@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "jaxtune"
 
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("jaxtune.version", "jaxtune.runtime", "jaxtune.cache", "jaxtune.jsonl", "jaxtune.files", "jaxtune.assets",
-     "jaxtune.structs", "jaxtune.faults"),
+     "jaxtune.structs", "jaxtune.faults", "jaxtune.stats"),
     ("jaxtune.model",),
     ("jaxtune.hf",),
     ("jaxtune.lora",),

@@ -105,3 +105,58 @@ def test_sdft_command(tmp_path, monkeypatch):
     assert lm.kwargs["chat"] is None  # auto: the chat template when the tokenizer has one
     assert json.loads(out.read_text()) == [
         {"instruction": "Name a planet.", "input": "", "output": "Mars is a planet."}]
+
+
+SCORED_ROWS = [
+    {"instruction": "Tell me a story about a cat.", "input": "", "task_type": "story",
+     "output": "Once upon a time, there was a little cat named Tom. He liked to play in the sun."},
+    {"instruction": "Tell me a story about a dog.", "input": "", "task_type": "story",
+     "output": "Once upon a time, there was a big dog. The dog was happy and ran in the park."},
+    {"instruction": "What is the capital of France?", "input": "", "output": "Paris.", "task_type": "qa"},
+    {"instruction": "Write a short poem about the sea and the wind at night.", "input": "", "task_type": "poem",
+     "output": "The sea is dark, the wind is cold."},
+]
+
+
+def test_filter_command_scores_decontaminates_and_caps(tmp_path, capsys, stories_dir):
+    src = _write_jsonl(tmp_path / "in.jsonl", SCORED_ROWS)
+    refs = _write_jsonl(tmp_path / "heldout.jsonl", [{"prompt": SCORED_ROWS[3]["instruction"]}])
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    assert run(["curate", "filter", str(src), str(out), "--score-model", str(stories_dir), "--template", "chatml",
+                "--max-ifd", "5", "--max-ppl", "1e9", "--cap-per-type", "1", "--decontam", str(refs),
+                "--report", str(report)]) == 0
+    (summary,) = json.loads(report.read_text())
+    steps = {s["check"]: s["in"] - s["out"] for s in summary["steps"]}
+    assert steps["contaminated: overlaps heldout split"] == 1
+    assert steps["IFD >= 5"] == 0 and steps["perplexity > 1e+09"] == 0
+    assert steps["over cap for task type 'story'"] == 1
+    assert summary["records_out"] == 2 and summary["notes"]["kept per task type"] == {"story": 1, "qa": 1}
+    assert summary["notes"]["IFD"]["n"] == 3 and summary["notes"]["overlap with heldout"]["max"] == 1.0
+    convs, _ = load_records(out)
+    assert [c.meta["task_type"] for c in convs] == ["story", "qa"]  # the label is written back
+    err = capsys.readouterr().err
+    assert "IFD: n 3, mean" in err and "perplexity: n 3" in err and "overlap with heldout: records 1" in err
+
+
+def test_filter_command_cap_by_verb(tmp_path):
+    src = _write_jsonl(tmp_path / "in.jsonl", SCORED_ROWS)
+    out, report = tmp_path / "out.jsonl", tmp_path / "report.json"
+    assert run(["curate", "filter", str(src), str(out), "--cap-per-type", "1", "--cap-by", "verb",
+                "--report", str(report)]) == 0
+    (summary,) = json.loads(report.read_text())
+    assert summary["notes"]["kept per verb"] == {"tell": 1, "what": 1, "write": 1}
+    assert [s["check"] for s in summary["steps"] if s["in"] != s["out"]] == ["over cap for verb 'tell'"]
+
+
+def test_filter_command_score_and_decontam_errors(tmp_path, capsys):
+    src = _write_jsonl(tmp_path / "in.jsonl", SCORED_ROWS)
+    assert run(["curate", "filter", str(src), str(tmp_path / "o.jsonl"), "--max-ifd", "1.0"]) == 2
+    assert "need a scoring model (pass --score-model MODEL_DIR)" in capsys.readouterr().err
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"question": "?"}])
+    assert run(["curate", "filter", str(src), str(tmp_path / "o.jsonl"), "--decontam", str(bad)]) == 2
+    assert "bad.jsonl:1: no prompt or instruction" in capsys.readouterr().err
+    assert run(["curate", "filter", str(src), str(tmp_path / "o.jsonl"), "--decontam-threshold", "0",
+                "--decontam", str(src)]) == 2
+    assert "decontam_threshold=0.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run(["curate", "filter", str(src), str(tmp_path / "o.jsonl"), "--cap-by", "topic"])

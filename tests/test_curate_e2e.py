@@ -64,12 +64,12 @@ def test_sdft_runs_on_stories260k(stories_fn, assets_dir):
     assert len(report.rejects) == report.notes["fell back to the reference"]
 
 
-def test_prompt_longer_than_the_model_is_a_clear_error(stories_fn):
-    with pytest.raises(ValueError, match="exceeds the model's 512 positions"):
-        stories_fn(["word " * 600], 16, 0)
+def test_prompt_longer_than_the_model_is_skipped(stories_fn):
+    assert stories_fn(["word " * 600, "Once upon a time"], 16, 0)[0] == ""
 
 
 def test_chat_template_wraps_prompts(stories_dir):
+    from jaxtune.curate.teachers import LocalTeacher, TeacherConfig
     from jaxtune.hf.load import load_pretrained, load_tokenizer
 
     tokenizer = load_tokenizer(stories_dir)
@@ -77,9 +77,10 @@ def test_chat_template_wraps_prompts(stories_dir):
     with pytest.raises(ValueError, match="has no chat template"):
         model_generate_fn(model, tokenizer, chat=True)
     tokenizer.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
-    seen = []
-    encode = tokenizer.encode
-    tokenizer.encode = lambda text, **kw: seen.append((text, kw)) or encode(text, **kw)
     out = model_generate_fn(model, tokenizer, chat=True, **SAMPLING)(["Name a planet."] * 4, 96, 0)
     assert len(out) == 4 and all(isinstance(o, str) for o in out)
-    assert seen[0] == ("User: Name a planet.\nAssistant:", {"add_special_tokens": False})
+    wrapped = tokenizer("User: Name a planet.\nAssistant:", add_special_tokens=False)["input_ids"]
+    assert LocalTeacher(model, tokenizer, TeacherConfig(chat=True)).encode("Name a planet.") == [
+        tokenizer.bos_token_id, *wrapped]
+    assert LocalTeacher(model, tokenizer, TeacherConfig(chat=False)).encode("Name a planet.") == tokenizer.encode(
+        "Name a planet.")

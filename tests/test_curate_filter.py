@@ -4,12 +4,14 @@ counts, exact dedup, and writing curated records back in layouts the data pipeli
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from jaxtune.curate import filter as F
 from jaxtune.curate.records import to_rows, write_conversations
 from jaxtune.curate.report import CurateReport
+from jaxtune.curate.score import ResponseScore
 from jaxtune.data.formats import Conversation, load_records
 
 
@@ -179,3 +181,111 @@ def test_tool_conversations_are_written_as_messages(tmp_path):
 def test_text_and_chat_cannot_share_a_file():
     with pytest.raises(ValueError, match="plain-text records and conversations"):
         to_rows([Conversation([], "a", text="story"), conv("Q", "A")])
+
+
+# --------------------------------------------------------------------------- scores, caps, decontamination
+
+def typed(instruction: str, source: str, task_type: str | None = None) -> Conversation:
+    c = conv(instruction, "An answer.", source)
+    if task_type:
+        c.meta["task_type"] = task_type
+    return c
+
+
+def test_cap_per_task_type_keeps_the_first_n_in_input_order():
+    data = [typed("Q1", "a1", "qa"), typed("Q2", "b1", "brainstorm"), typed("Q3", "a2", "qa"),
+            typed("Q4", "a3", "qa"), typed("Q5", "n1"), typed("Q6", "b2", "brainstorm"), typed("Q7", "a4", "qa")]
+    data[4].meta["category"] = "qa"  # no task_type: its category stands in
+    report = CurateReport("x", records_in=len(data))
+    kept = F.cap_per_type(data, report, 2)
+    assert [c.source for c in kept] == ["a1", "b1", "a2", "b2"]
+    assert report.rejected == {"over cap for task type 'qa'": 3}
+    assert report.notes["kept per task type"] == {"qa": 2, "brainstorm": 2}
+    untyped = [typed("Q", f"u{i}") for i in range(3)]
+    report = CurateReport("x", records_in=3)
+    assert F.cap_per_type(untyped, report, 1) == untyped  # nothing to balance on: kept, and said so
+    assert report.notes["no task type (not capped)"] == 3
+
+
+def test_cap_by_verb():
+    data = [typed("Write a poem.", "w1"), typed("write, then read.", "w2"), typed("List three fruits.", "l1"),
+            typed("WRITE a song.", "w3"), typed("Explain rain.", "e1")]
+    report = CurateReport("x", records_in=len(data))
+    kept = F.cap_per_type(data, report, 2, by="verb")
+    assert [c.source for c in kept] == ["w1", "w2", "l1", "e1"]
+    assert report.rejected == {"over cap for verb 'write'": 1}
+    assert report.notes["kept per verb"] == {"write": 2, "list": 1, "explain": 1}
+
+
+def _score(ifd: float, ppl: float = 5.0) -> ResponseScore:
+    return ResponseScore(ce_cond=math.log(ppl), ce_uncond=math.log(ppl) / ifd, ppl=ppl, ifd=ifd, n_tokens=4)
+
+
+def test_score_filter_drops_ifd_and_perplexity_and_reports_distributions():
+    data = [conv(f"Q{i}", "A", f"r{i}") for i in range(5)]
+    scores = [_score(0.5), _score(1.0), _score(1.3), _score(0.9, ppl=80.0), _score(0.99)]
+    report = CurateReport("x", records_in=5)
+    kept = F.score_filter(list(zip(data, scores)), report, max_ifd=1.0, max_ppl=50.0)
+    assert [c.source for c in kept] == ["r0", "r4"]
+    assert report.rejected == {"IFD >= 1": 2, "perplexity > 50": 1}  # IFD exactly 1 is dropped
+    assert report.rejects[0].detail.startswith("IFD 1.000 (CE")
+    assert report.notes["IFD"] == {"n": 5, "mean": 0.938, "median": 0.99, "p10": 0.66, "p90": 1.18}
+    assert report.notes["perplexity"]["n"] == 5
+    report = CurateReport("x", records_in=5)
+    assert F.score_filter(list(zip(data, scores)), report) == data  # no thresholds: only reported
+    assert report.rejected == {} and report.notes["IFD"]["n"] == 5
+
+
+def test_curate_scores_with_the_model_and_counts_what_it_cannot_score(monkeypatch):
+    import jaxtune.curate.filter as filter_mod
+
+    data = [conv("Name a planet.", "Mars", "good"), conv("Name a color.", "Blue", "noisy"),
+            conv("Name a fruit.", "Apple", "long")]
+    seen = {}
+
+    def fake_scores(model, tokenizer, convs, *, template, seq_len, batch_size, report):
+        seen.update(model=model, tokenizer=tokenizer, template=template, seq_len=seq_len, n=len(convs))
+        if report is not None:
+            report.reject("not scored (longer than seq_len)", convs[2].source, "too long", convs[2])
+        return [_score(0.6), _score(1.2), None]
+
+    monkeypatch.setattr(filter_mod, "response_scores", fake_scores)
+    cfg = F.FilterConfig(max_ifd=1.0, score_template="chatml", score_seq_len=64)
+    kept, report = F.curate(data, cfg, model="M", model_tokenizer="T")
+    assert [c.source for c in kept] == ["good"]
+    assert seen == {"model": "M", "tokenizer": "T", "template": "chatml", "seq_len": 64, "n": 3}
+    assert {k: v for k, v in report.rejected.items() if v} == {"not scored (longer than seq_len)": 1,
+                                                               "IFD >= 1": 1}
+    assert report.records_out == 1 and report.notes["IFD"]["n"] == 2
+    kept, report = F.curate(data, F.FilterConfig(), model="M", model_tokenizer="T")  # scores only reported
+    assert len(kept) == 3 and report.notes["not scored (kept)"] == 1 and "IFD" in report.summary()
+    with pytest.raises(ValueError, match="need a scoring model"):
+        F.curate(data, F.FilterConfig(max_ifd=1.0))
+
+
+def test_curate_decontaminates_and_caps():
+    data = [typed("Write a haiku about autumn leaves falling.", "copied", "poem"),
+            typed("Write a haiku about spring.", "p1", "poem"), typed("Write a limerick.", "p2", "poem"),
+            typed("Name a planet.", "q1", "qa")]
+    cfg = F.FilterConfig(dedup=(), cap_per_type=1)
+    kept, report = F.curate(data, cfg, references={"report": ["Write a haiku about autumn leaves falling."]})
+    assert [c.source for c in kept] == ["p1", "q1"]
+    names = [s[0] for s in report.steps()]
+    assert names.index("contaminated: overlaps report split") < names.index("over cap for task type 'poem'")
+    assert report.records_out == 2
+
+
+@pytest.mark.parametrize("field, value", [("max_ifd", 0), ("max_ppl", -1.0), ("cap_per_type", 0),
+                                          ("cap_by", "topic"), ("decontam_threshold", 0), ("decontam_n", 0)])
+def test_new_config_settings_are_checked(field, value):
+    with pytest.raises(ValueError, match=field):
+        F.FilterConfig(**{field: value})
+
+
+def test_task_type_round_trips(tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"instruction": "Add.", "input": "", "output": "5", "category": "math", "task_type": "arithmetic"}]
+    src.write_text(json.dumps(rows[0]) + "\n")
+    convs, _ = load_records(src)
+    assert convs[0].meta == {"category": "math", "task_type": "arithmetic"}
+    assert json.loads(write_conversations(convs, tmp_path / "out.json").read_text()) == rows

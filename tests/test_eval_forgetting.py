@@ -1,5 +1,6 @@
 """Forgetting monitor: base measures as zero change, a model fine-tuned off-domain shows forgetting, the
-evaluation sets are seeded and saved with the run, and a resumed run reloads its baseline."""
+evaluation sets are seeded and saved with the run, a resumed run reloads its baseline; each check's log
+line, its warn_at / stop_at verdict and the thresholds' validation."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from flax import nnx
 
 from jaxtune import load_pretrained, load_tokenizer
-from jaxtune.eval.forgetting import (DEFAULT_BASE_PROBES, ForgettingConfig, ForgettingMonitor, load_base_probes,
-                                     token_agreement)
+from jaxtune.eval.forgetting import (DEFAULT_BASE_PROBES, ForgettingConfig, ForgettingMonitor, assess,
+                                     load_base_probes, ppl_rise, token_agreement)
 from jaxtune.eval.loss import sequence_rows
 from jaxtune.train.loss import sequence_nll
 
@@ -118,6 +119,10 @@ def test_resume_reloads_the_baseline_instead_of_remeasuring(stories, drifted, ge
 
     with pytest.raises(ValueError, match="different forgetting config"):
         ForgettingMonitor(tok, dataclasses.replace(cfg, n_samples=5), run_dir=tmp_path).baseline(model)
+    # Thresholds act on the figures, not the baseline: a resume may tighten them.
+    tighter = ForgettingMonitor(tok, dataclasses.replace(cfg, warn_at=0.05, stop_at=0.2), run_dir=tmp_path)
+    assert tighter.baseline(drifted) == first
+    assert "stop_at" not in json.loads((tmp_path / "forgetting" / "baseline.json").read_text())["config"]
 
 
 def test_samples_are_seeded(stories, general):
@@ -136,3 +141,58 @@ def test_measure_before_baseline_is_an_error(stories, general):
     _, tok = stories
     with pytest.raises(RuntimeError, match="before baseline"):
         ForgettingMonitor(tok, dataclasses.replace(SMALL, general_text=general)).measure(stories[0])
+
+
+def _result(base_rel: float, general_rel: float | None = 0.01, agreement: float = 0.92) -> dict:
+    out = {"forgetting/base_ppl": 4.0 * (1 + base_rel), "forgetting/base_ppl_rel": base_rel,
+           "forgetting/probe_agreement": agreement, "forgetting/probe_agreement_rel": agreement - 1.0}
+    if general_rel is not None:
+        out.update({"forgetting/general_ppl": 9.0 * (1 + general_rel), "forgetting/general_ppl_rel": general_rel})
+    return out
+
+
+def test_assess_is_one_line_with_warning_and_stop():
+    cfg = ForgettingConfig(warn_at=0.1, stop_at=0.5)
+    line, stop = assess(_result(0.032), cfg, 100)
+    assert line == "forgetting @ step 100: base ppl 4.13 (+3.2%)  general ppl 9.09 (+1.0%)  probe agreement 92%"
+    assert stop is None
+
+    # The larger of the two rises counts: here the general text's.
+    line, stop = assess(_result(-0.2, general_rel=0.12), cfg, 200)
+    assert line == ("forgetting @ step 200: base ppl 3.20 (-20.0%)  general ppl 10.08 (+12.0%)  probe agreement 92%"
+                    " — WARNING: general perplexity rose 12.0% ≥ warn_at 10%")
+    assert stop is None
+
+    line, stop = assess(_result(0.5, general_rel=None), cfg, 300)
+    assert line == ("forgetting @ step 300: base ppl 6.00 (+50.0%)  probe agreement 92% — STOP: base perplexity "
+                    "rose 50.0% ≥ stop_at 50%")
+    assert stop == "base perplexity rose 50.0% ≥ forgetting.stop_at 50% at the forgetting check of step 300"
+
+    # Without thresholds nothing is flagged, however large the rise.
+    assert assess(_result(5.0), ForgettingConfig(), 1) == (
+        "forgetting @ step 1: base ppl 24.00 (+500.0%)  general ppl 9.09 (+1.0%)  probe agreement 92%", None)
+    assert ppl_rise(_result(0.2, general_rel=0.3)) == ("general_ppl", 0.3)
+    assert ppl_rise({"forgetting/probe_agreement": 1.0}) is None
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"warn_at": 0.0}, r"forgetting\.warn_at: must be a number > 0"),
+    ({"stop_at": -0.5}, r"forgetting\.stop_at: must be a number > 0"),
+    ({"stop_at": True}, r"forgetting\.stop_at: must be a number > 0"),
+    ({"warn_at": 0.6, "stop_at": 0.5}, r"forgetting\.warn_at: 0\.6 is above forgetting\.stop_at 0\.5"),
+])
+def test_thresholds_are_validated(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ForgettingConfig(**kw)
+    ForgettingConfig(warn_at=0.5, stop_at=0.5)  # equal is allowed: the stop wins
+
+
+def test_recipe_threshold_error_names_file_and_line(tmp_path):
+    from jaxtune.recipe import ConfigError, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  path: m\ndata:\n  train: d.json\noutput:\n  run_dir: r\nforgetting:\n"
+                    "  warn_at: 0.1\n  stop_at: -1\n")
+    with pytest.raises(ConfigError, match=r"r\.yaml:9: forgetting\.stop_at: must be a number > 0"):
+        load_recipe(path)
+    assert load_recipe(path, ["forgetting.stop_at=0.5"]).forgetting.stop_at == 0.5

@@ -12,34 +12,37 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxtune import stats
 from jaxtune.cli.main import main
 from jaxtune.eval import report as rp
 from jaxtune.eval.ifeval import load_ifeval_inputs, score_responses
+from jaxtune.eval.overreach import score_overreach
 from jaxtune.eval.rigidity import load_probes, score_rigidity
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-METRIC = {"base": "float", "tuned": "float", "delta": "float"}
-PAIR = {"count": "int", "base_strict": "float", "tuned_strict": "float", "base_loose": "float", "tuned_loose": "float"}
+RATE = {"value": "float", "lo": "float", "hi": "float", "n": "int", "k": "int", "method": "str"}
+DIFF = {**RATE, "k": "null"}
+CMP = {"base": RATE, "tuned": RATE, "difference": DIFF}
+PAIR = {"count": "int", "strict": CMP, "loose": CMP}
 SIDE = {"response": "str", "followed_loose": ["bool"]}
-# The report.json shape for schema_version 1; changing it means bumping SCHEMA_VERSION (and this literal).
-SCHEMA_V1 = {
+SIZES = {"forgetting/base_ppl": {"n": 16, "of": "samples the base model wrote (up to 64 tokens each)"}}
+# The report.json shape for schema_version 2; changing it means bumping SCHEMA_VERSION (and this literal).
+SCHEMA_V2 = {
     "schema_version": "int", "jaxtune_version": "str", "created_utc": "str",
     "models": {"tuned": {"model": "str", "adapter": "str"}, "base": {"model": "str"}},
     "settings": {"ifeval_input": "str", "limit": "int"},
+    "intervals": {"level": "float", "rates": "str", "differences": "str", "n_boot": "int", "seed": "int"},
     "ifeval": {"num_prompts": "int", "num_instructions": "int",
-               "metrics": {m: METRIC for m in rp.HEADLINE_METRICS},
-               "relative": {"format_adherence_change": "float", "ignored_constraints_reduction": "float"},
+               "metrics": {m: {"unit": "str", **CMP} for m in rp.HEADLINE_METRICS},
                "by_group": "table", "by_instruction": "table"},
+    "overreach": {"num_prompts": "int", "refusal": CMP,
+                  "formatting": {k: CMP for k in ("any", "list", "header", "json", "code", "bold", "table")}},
     "rigidity": {"probe_set": "str", "loose": "bool", "num_probes": "int",
-                 "counts": {"base": {"both": "int", "format_only": "int", "content_only": "int", "neither": "int"},
-                            "tuned": {"both": "int", "format_only": "int", "content_only": "int", "neither": "int"}},
-                 "fractions": {"base": {"both": "float", "format_only": "float", "content_only": "float",
-                                        "neither": "float"},
-                               "tuned": {"both": "float", "format_only": "float", "content_only": "float",
-                                         "neither": "float"}}},
+                 "categories": {c: CMP for c in ("both", "format_only", "content_only", "neither")}},
     "forgetting": {"current": {"forgetting/base_ppl": "float", "forgetting/base_ppl_rel": "float"},
                    "history": [{"step": "int", "forgetting/base_ppl": "float",
-                                "forgetting/base_ppl_rel": "float"}]},
+                                "forgetting/base_ppl_rel": "float"}],
+                   "sizes": {"forgetting/base_ppl": {"n": "int", "of": "str"}}},
     "training": {"train": [["int", "float"]], "eval": [["int", "float"]]},
     "samples": [{"key": "int", "prompt": "str", "instruction_id_list": ["str"], "base": SIDE, "tuned": SIDE}],
 }
@@ -55,7 +58,7 @@ def _shape(doc, path=""):
     if isinstance(doc, list):
         shapes = [_shape(x, path) for x in doc]
         return [s for i, s in enumerate(shapes) if s not in shapes[:i]]
-    return {bool: "bool", int: "int", float: "float", str: "str"}[type(doc)]
+    return {bool: "bool", int: "int", float: "float", str: "str", type(None): "null"}[type(doc)]
 
 
 @pytest.fixture(scope="module")
@@ -83,32 +86,142 @@ def _doc(scored, **kw):
     return rp.build_report(
         base_ifeval=base, tuned_ifeval=tuned, models={"tuned": {"model": "m", "adapter": "a"}, "base": {"model": "b"}},
         settings={"ifeval_input": "in.jsonl", "limit": 30}, base_rigidity=rig_base, tuned_rigidity=rig_tuned,
-        forgetting={"forgetting/base_ppl": 3.3, "forgetting/base_ppl_rel": 0.1}, metrics_rows=METRICS_ROWS, **kw)
+        forgetting={"forgetting/base_ppl": 3.3, "forgetting/base_ppl_rel": 0.1}, metrics_rows=METRICS_ROWS,
+        forgetting_sizes=SIZES, **kw)
 
 
 def test_report_json_schema_is_stable(scored, tmp_path):
     json_path, _ = rp.write_report(_doc(scored, n_samples=3), tmp_path)
     doc = json.loads(json_path.read_text())
     assert tuple(doc) == rp.REPORT_KEYS
-    assert doc["schema_version"] == rp.SCHEMA_VERSION == 1
-    assert _shape(doc) == SCHEMA_V1
+    assert doc["schema_version"] == rp.SCHEMA_VERSION == 2
+    assert _shape(doc) == SCHEMA_V2
     assert len(doc["samples"]) == 3
+    assert "relative" not in doc["ifeval"] and "relative" not in json_path.read_text()
 
 
-def test_report_figures_and_relative_changes(scored):
-    base, tuned, _, _ = scored
+def test_report_rates_match_the_scored_results(scored):
+    base, tuned, rig_base, rig_tuned = scored
     doc = _doc(scored)
     m = doc["ifeval"]["metrics"]
-    assert m["instruction_loose"]["tuned"] == tuned.instruction_loose
-    assert m["instruction_loose"]["delta"] == pytest.approx(tuned.instruction_loose - base.instruction_loose)
-    rel = doc["ifeval"]["relative"]
-    assert rel["format_adherence_change"] == pytest.approx(
-        (tuned.format_adherence - base.format_adherence) / base.format_adherence)
-    assert rel["ignored_constraints_reduction"] == pytest.approx(
-        (base.ignored_constraint_rate - tuned.ignored_constraint_rate) / base.ignored_constraint_rate)
+    for name in rp.HEADLINE_METRICS:
+        for side, result in (("base", base), ("tuned", tuned)):
+            e = m[name][side]
+            assert e["value"] == pytest.approx(getattr(result, name)), (name, side)
+            assert e["lo"] <= e["value"] <= e["hi"] and e["k"] == round(e["value"] * e["n"])
+    assert m["prompt_strict"]["tuned"]["n"] == tuned.num_prompts == 30
+    assert m["instruction_strict"]["tuned"]["n"] == tuned.num_instructions
+    for name, v in tuned.by_instruction.items():
+        assert doc["ifeval"]["by_instruction"][name]["loose"]["tuned"]["value"] == pytest.approx(v["loose"])
+        assert doc["ifeval"]["by_instruction"][name]["count"] == v["count"]
+    cats = doc["rigidity"]["categories"]
+    assert {c: cats[c]["tuned"]["k"] for c in cats} == rig_tuned.counts
+    assert {c: cats[c]["base"]["n"] for c in cats} == {c: len(rig_base.rows) for c in cats}
+    for c in cats:
+        assert cats[c]["difference"] == stats.paired_difference(
+            [r.category == c for r in rig_base.rows], [r.category == c for r in rig_tuned.rows]).to_dict()
     assert doc["training"] == {"train": [[1, 2.5], [2, 2.1], [3, 1.9]], "eval": [[2, 2.3], [3, 2.0]]}
     assert [h["step"] for h in doc["forgetting"]["history"]] == [0, 2]
     assert doc["samples"][0]["tuned"]["response"] == tuned.rows[0].response
+
+
+# Four prompts: three ask for no commas, the fourth also for the keyword "apple". Base follows only prompt 3;
+# tuned follows prompts 1-3 fully and only the keyword on prompt 4.
+HAND_INPUTS = [{"key": i, "prompt": f"Describe cat number {i}.", "instruction_id_list": ["punctuation:no_comma"],
+                "kwargs": [{}]} for i in range(3)] + [
+    {"key": 3, "prompt": "Describe an apple.", "instruction_id_list": ["punctuation:no_comma", "keywords:existence"],
+     "kwargs": [{}, {"keywords": ["apple"]}]}]
+HAND_BASE = ["cats, dogs", "cats, dogs", "cats purr", "red, round"]
+HAND_TUNED = ["cats purr", "cats nap", "cats purr", "an apple, red"]
+
+
+def _hand_doc(base=HAND_BASE, tuned=HAND_TUNED):
+    return rp.build_report(base_ifeval=score_responses(HAND_INPUTS, base),
+                           tuned_ifeval=score_responses(HAND_INPUTS, tuned), models={}, settings={})
+
+
+def test_every_rate_has_its_n_and_wilson_interval():
+    m = _hand_doc()["ifeval"]["metrics"]
+    # 3 of 4 prompts followed: 0.75 with the Wilson score interval [0.3006, 0.9544].
+    assert m["prompt_strict"]["tuned"] == {"value": 0.75, "lo": pytest.approx(0.300642, abs=1e-6),
+                                           "hi": pytest.approx(0.954413, abs=1e-6), "n": 4, "k": 3,
+                                           "method": "wilson"}
+    assert (m["prompt_strict"]["base"]["k"], m["prompt_strict"]["base"]["lo"], m["prompt_strict"]["base"]["hi"]) == (
+        1, pytest.approx(0.045587, abs=1e-6), pytest.approx(0.699358, abs=1e-6))
+    # 4 of 5 instructions followed: [0.3755, 0.9638].
+    e = m["instruction_loose"]["tuned"]
+    assert (e["value"], e["n"], e["k"]) == (0.8, 5, 4)
+    assert (e["lo"], e["hi"]) == (pytest.approx(0.375535, abs=1e-6), pytest.approx(0.963776, abs=1e-6))
+    # Format adherence counts only the four no_comma instructions; the ignored-constraint rate all five.
+    assert {k: m["format_adherence"]["tuned"][k] for k in ("value", "n", "k")} == {"value": 0.75, "n": 4, "k": 3}
+    assert {k: m["ignored_constraint_rate"]["tuned"][k] for k in ("value", "n", "k")} == {"value": 0.2, "n": 5, "k": 1}
+    assert m["format_adherence"]["unit"] == "format-group instructions"
+
+
+def test_differences_are_points_paired_over_prompts():
+    doc = _hand_doc()
+    m = doc["ifeval"]["metrics"]
+    # Prompt level: per-prompt 0/1 flags, base [0, 0, 1, 0] and tuned [1, 1, 1, 0].
+    d = m["prompt_strict"]["difference"]
+    assert d == stats.paired_difference([0, 0, 1, 0], [1, 1, 1, 0]).to_dict()
+    assert (d["value"], d["n"], d["method"]) == (0.5, 4, "paired bootstrap")
+    assert d["lo"] == 0.0 and d["hi"] == 1.0  # 4 prompts: a resample of the two unchanged ones is likely enough
+    # Instruction level: each prompt's fraction followed, base [0, 0, 1, 0] and tuned [1, 1, 1, 1/2].
+    assert m["instruction_strict"]["difference"] == stats.paired_difference([0, 0, 1, 0],
+                                                                           [1, 1, 1, 0.5]).to_dict()
+    assert m["instruction_strict"]["difference"]["value"] == 0.625
+    assert m["ignored_constraint_rate"]["difference"]["value"] == -0.625
+    # Format adherence: per prompt, the fraction of its format-group instructions followed.
+    assert m["format_adherence"]["difference"] == stats.paired_difference([0, 0, 1, 0], [1, 1, 1, 0]).to_dict()
+    assert doc["ifeval"]["by_group"]["keywords"]["strict"]["difference"] == stats.paired_difference(
+        [0], [1]).to_dict()
+    # Swapping the models negates every difference; identical models differ by exactly zero.
+    swapped = _hand_doc(HAND_TUNED, HAND_BASE)["ifeval"]["metrics"]
+    assert swapped["prompt_strict"]["difference"]["value"] == -0.5
+    same = _hand_doc(HAND_TUNED, HAND_TUNED)["ifeval"]["metrics"]
+    assert {(v["difference"]["value"], v["difference"]["lo"], v["difference"]["hi"]) for v in same.values()} == {
+        (0.0, 0.0, 0.0)}
+
+
+def test_base_and_tuned_must_share_prompts():
+    base = score_responses(HAND_INPUTS, HAND_BASE)
+    other = score_responses(HAND_INPUTS[:3] + [{**HAND_INPUTS[3], "prompt": "Describe a pear."}], HAND_TUNED)
+    with pytest.raises(ValueError, match="different prompts"):
+        rp.build_report(base_ifeval=base, tuned_ifeval=other, models={}, settings={})
+
+
+def test_overreach_section_has_rates_and_paired_differences():
+    # Prompt 4 asks for a list, so a list there is requested; tuned adds unrequested lists to prompts 1 and 2.
+    inputs = HAND_INPUTS[:3] + [{**HAND_INPUTS[3], "prompt": "Give a bulleted list of apples."}]
+    base = ["I'm sorry, but I can't help with that.", "cats nap", "cats purr", "- red\n- green"]
+    tuned = ["- cats\n- dogs", "- a\n- b", "cats purr", "- red\n- green"]
+    over = rp.build_report(base_ifeval=score_responses(inputs, base), tuned_ifeval=score_responses(inputs, tuned),
+                           models={}, settings={})["overreach"]
+    prompts = [i["prompt"] for i in inputs]
+    for side, responses in (("base", base), ("tuned", tuned)):
+        want = score_overreach(prompts, responses)
+        assert over["refusal"][side] == want["refusal"]
+        assert {k: v[side] for k, v in over["formatting"].items()} == want["formatting"]
+    assert (over["refusal"]["base"]["k"], over["refusal"]["tuned"]["k"], over["refusal"]["base"]["n"]) == (1, 0, 4)
+    assert over["refusal"]["difference"] == stats.paired_difference([1, 0, 0, 0], [0, 0, 0, 0]).to_dict()
+    lists = over["formatting"]["list"]
+    assert (lists["tuned"]["k"], lists["tuned"]["n"], lists["base"]["k"]) == (2, 3, 0)  # prompt 4 is not counted
+    assert lists["difference"] == stats.paired_difference([0, 0, 0], [1, 1, 0]).to_dict()
+    assert over["formatting"]["any"]["difference"]["value"] == 0.5
+
+
+def test_html_shows_intervals_points_and_no_relative_change(scored, tmp_path):
+    doc = _hand_doc()
+    doc["forgetting"] = {"current": {"forgetting/base_ppl": 3.3, "forgetting/base_ppl_rel": 0.1}, "history": [],
+                         "sizes": SIZES}
+    page = rp.render_html(doc, figs={})
+    assert "75.0% [30.1, 95.4] n=4" in page and "80.0% [37.6, 96.4] n=5" in page
+    assert "+50.0 pts [+0.0, +100.0] n=4" in page
+    assert "relative" not in page.lower()
+    assert "Over-reach" in page and "unwarranted refusals" in page and "unrequested formatting: list" in page
+    assert "16 samples the base model wrote" in page
+    doc["forgetting"]["sizes"] = None
+    assert "not recorded" in rp.render_html(doc, figs={})
 
 
 def test_html_is_self_contained_with_every_plot(scored, tmp_path):
@@ -131,6 +244,14 @@ def test_report_without_run_has_no_training_plots(scored):
     assert set(rp.figures(doc)) == {"ifeval_metrics", "ifeval_by_instruction"}
 
 
+def test_forgetting_sizes_need_a_recorded_baseline(tmp_path):
+    assert rp.forgetting_sizes(tmp_path) is None
+    (tmp_path / "forgetting").mkdir()
+    (tmp_path / "forgetting" / "baseline.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"forgetting/baseline.json:1: not valid JSON"):
+        rp.forgetting_sizes(tmp_path)
+
+
 def test_read_metrics_names_bad_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"loss": 1.0}\n')
@@ -146,9 +267,9 @@ def test_read_metrics_names_bad_lines(tmp_path):
 def adapter_dir(stories_dir, tmp_path_factory):
     """A PEFT adapter for stories260K with non-zero B, so base and tuned generations differ."""
     from jaxtune.hf.load import load_pretrained, load_tokenizer
-    from jaxtune.lora.peft import save_peft_adapter
-    from jaxtune.lora.config import LoraConfig
     from jaxtune.lora.apply import apply_lora, lora_sites
+    from jaxtune.lora.config import LoraConfig
+    from jaxtune.lora.peft import save_peft_adapter
 
     model = load_pretrained(stories_dir)
     apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=("q_proj", "v_proj")), nnx.Rngs(0))
@@ -175,18 +296,20 @@ def test_eval_report_cli_end_to_end(stories_dir, adapter_dir, assets_dir, tmp_pa
     doc = json.loads((out / "report.json").read_text())
     assert doc["ifeval"]["num_prompts"] == 3 and doc["settings"]["template"] == "alpaca"
     assert doc["training"]["eval"] == [[2, 2.3], [3, 2.0]]
-    assert doc["forgetting"] == {"current": None, "history": rp.forgetting_history(METRICS_ROWS)}
+    assert doc["forgetting"] == {"current": None, "history": rp.forgetting_history(METRICS_ROWS), "sizes": None}
+    assert doc["ifeval"]["metrics"]["prompt_loose"]["tuned"]["n"] == 3
     assert [s["base"]["response"] != s["tuned"]["response"] for s in doc["samples"]].count(True) >= 1
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 4
     responses = [json.loads(x) for x in (out / "ifeval_tuned" / "responses.jsonl").read_text().splitlines()]
     assert [r["response"] for r in responses] == [s["tuned"]["response"] for s in doc["samples"]]
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and re.search(r"prompt_loose .*n=3 .* pts \[.*\] n=3", printed)
 
 
 def test_eval_forgetting_and_loss_cli(stories_dir, adapter_dir, assets_dir, tmp_path, capsys):
+    from jaxtune.eval.forgetting import ForgettingConfig, ForgettingMonitor, load_base_probes
     from jaxtune.hf.load import load_pretrained, load_tokenizer
-    from jaxtune.eval.forgetting import ForgettingConfig, ForgettingMonitor
 
     shakespeare = str(assets_dir / "data" / "tinyshakespeare_input.txt")
     small = ForgettingConfig(n_samples=4, sample_tokens=16, seq_len=32, batch_size=4, max_windows=2,
@@ -200,6 +323,13 @@ def test_eval_forgetting_and_loss_cli(stories_dir, adapter_dir, assets_dir, tmp_
                  "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["base"] == recorded
+    sizes = rp.forgetting_sizes(run)
+    n_samples = len((run / "forgetting" / "base_samples.jsonl").read_text().splitlines())
+    assert sizes["forgetting/base_ppl"] == {"n": n_samples, "of": "samples the base model wrote (up to 16 tokens each)"}
+    assert 0 < n_samples <= small.n_samples
+    assert sizes["forgetting/probe_agreement"]["n"] == len(load_base_probes()) > 0
+    assert sizes["forgetting/general_ppl"] == {
+        "n": None, "of": "windows of 32 tokens (at most 2) over 2000 characters of tinyshakespeare_input.txt"}
     assert doc["tuned"]["forgetting/probe_agreement"] < 1.0  # the adapter changes greedy outputs
     assert "probe_agreement" in capsys.readouterr().out
     assert main(["eval", "forgetting", "--model", str(stories_dir)]) == 2
@@ -237,9 +367,9 @@ def test_recipe_form_finds_the_exported_adapter(stories_dir, adapter_dir, tmp_pa
 
 
 def test_generate_and_chat_cli(stories_dir, monkeypatch, capsys):
-    from jaxtune.hf.load import load_pretrained, load_tokenizer
-    from jaxtune.generate import SamplingParams, generate, prompt_ids
     from jaxtune.data.chat import builtin_template
+    from jaxtune.generate import SamplingParams, generate, prompt_ids
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
 
     assert main(["generate", "--model", str(stories_dir), "--prompt", "Once upon a time",
                  "--max-new-tokens", "12"]) == 0

@@ -1,5 +1,5 @@
-"""The training run end to end on the real stories260K model: exact resume, the NaN guard, and the files a
-run leaves behind; and the steps each hook runs after."""
+"""The training run end to end on the real stories260K model: exact resume, the NaN guard, the forgetting
+check's warning and early stop, and the files a run leaves behind; and the steps each hook runs after."""
 
 from __future__ import annotations
 
@@ -93,6 +93,18 @@ class FakeMonitor:
         return {"forgetting/probe": 0.5}
 
 
+SCRIPTED_RISES = {2: 0.05, 4: 0.2, 6: 0.6, 8: 0.9}
+
+
+class ScriptedMonitor(FakeMonitor):
+    """A monitor whose base perplexity rises by `SCRIPTED_RISES[step]`: the thresholds' effect on the loop."""
+
+    def measure(self, model, step):
+        rise = SCRIPTED_RISES[step]
+        return {"forgetting/base_ppl": 4.0 * (1 + rise), "forgetting/base_ppl_rel": rise,
+                "forgetting/probe_agreement": 0.5, "forgetting/probe_agreement_rel": -0.5}
+
+
 @pytest.fixture(scope="module")
 def whole_run(stories_dir, small_data, tmp_path_factory):
     """Six steps in one go, with TensorBoard, evals and the forgetting hook on."""
@@ -180,6 +192,60 @@ def test_run_dir_holds_metrics_tensorboard_config_and_provenance(whole_run):
     assert result.eval_loss == [r for r in rows if r["split"] == "eval"][-1]["loss"]
 
 
+def test_forgetting_warns_then_stops_cleanly(stories_dir, small_data, tmp_path, capsys):
+    # Checks at 2 (+5%: quiet), 4 (+20%: warn, go on) and 6 (+60%: stop); steps 7 and 8 never run.
+    from jaxtune.eval import forgetting
+
+    cfg = _recipe(stories_dir, small_data, tmp_path / "run", train={"steps": 8, "save_every": 5, "forgetting_every": 2},
+                  forgetting={"warn_at": 0.1, "stop_at": 0.5}, output={"export": True})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(forgetting, "ForgettingMonitor", ScriptedMonitor)
+        result = train(cfg)
+    out = capsys.readouterr().out
+    lines = [x for x in out.splitlines() if x.startswith("forgetting @")]
+    assert lines == [
+        "forgetting @ step 2: base ppl 4.20 (+5.0%)  probe agreement 50%",
+        ("forgetting @ step 4: base ppl 4.80 (+20.0%)  probe agreement 50% — WARNING: base perplexity rose 20.0% ≥ "
+         "warn_at 10%"),
+        ("forgetting @ step 6: base ppl 6.40 (+60.0%)  probe agreement 50% — STOP: base perplexity rose 60.0% ≥ "
+         "stop_at 50%")]
+    assert "stopped early at step 6/8: base perplexity rose 60.0% ≥ forgetting.stop_at 50%" in out
+    assert result.step == 6 and len(result.losses) == 6 and result.total_steps == 8
+    assert result.stopped.startswith("base perplexity rose 60.0% ≥ forgetting.stop_at 50%")
+    assert result.eval_loss is not None  # the stopping step is evaluated like a last one
+    from jaxtune.train.checkpoint import Checkpointer
+
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [5, 6]
+    assert result.export_dir and (result.export_dir / "adapter" / "adapter_config.json").is_file()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "forgetting"] == [0, 2, 4, 6]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [5, 6]  # keep_best evaluates each save
+    assert max(r["step"] for r in rows) == 6
+
+
+def test_real_forgetting_check_stops_through_the_cli(stories_dir, small_data, tmp_path, capsys):
+    """A tiny stop_at with a high learning rate: the real monitor's first check stops the run, and the command
+    still exits 0 (a stop is a decision, not a failure)."""
+    from jaxtune.cli.main import main
+    from jaxtune.recipe import dump_recipe
+
+    cfg = _recipe(stories_dir, small_data, tmp_path / "run", optim={"lr": 3e-2},
+                  train={"steps": 6, "forgetting_every": 2, "save_every": 0},
+                  forgetting={"n_samples": 2, "sample_tokens": 16, "seq_len": 32, "batch_size": 2,
+                              "max_windows": 2, "probe_tokens": 4, "general_chars": 2000, "stop_at": 1e-9})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(dump_recipe(cfg))
+    assert main(["train", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "forgetting @ step 2: base ppl" in out and "— STOP: " in out and "stopped early at step 2/6" in out
+    from jaxtune.train.checkpoint import Checkpointer
+
+    assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [2]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    check = [r for r in rows if r["split"] == "forgetting" and r["step"] == 2]
+    assert check and max(check[0]["forgetting/base_ppl_rel"], check[0].get("forgetting/general_ppl_rel", 0)) > 0
+
+
 @pytest.mark.parametrize("keep_best, end", [(1, 5), (0, 5), (1, 7)])
 def test_hooks_fire_at_their_intervals_in_order(keep_best, end):
     # save_every 3 and log_every 2 on a 7-step schedule; `end` 5 is a --stop-after invocation.
@@ -194,3 +260,6 @@ def test_hooks_fire_at_their_intervals_in_order(keep_best, end):
     if end == 7:
         expect.update({5: ["metrics"], 6: ["metrics", "log"] + saved, 7: ["metrics", "log", "eval", "checkpoint"]})
     assert fired == expect
+    # A step a hook stopped the run at is evaluated and checkpointed like the last one.
+    assert [h.name for h in hooks if h.due(TrainState(4, None, None, None, stopped="why"))] == [
+        "metrics", "log", "eval", "checkpoint"]

@@ -24,5 +24,5 @@ def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop-id", type=int, action="append", default=[],
                    help="extra token id to stop at (repeatable); EOS and the template's end-of-turn are included")
-    p.add_argument("--template", help="chat template: chatml, llama3, alpaca or a .jinja file "
+    p.add_argument("--template", help="chat template: chatml, llama3, alpaca, story or a .jinja file "
                                       "(generate: default raw text; chat: default the tokenizer's own)")

@@ -6,7 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from jaxtune.curate.filter import DEDUP_METHODS, DEDUP_ON, FilterConfig, curate
+from jaxtune.curate.decontam import load_references
+from jaxtune.curate.filter import CAP_BY, DEDUP_METHODS, DEDUP_ON, FilterConfig, curate
 from jaxtune.curate.records import write_conversations, write_rows
 from jaxtune.curate.report import CurateReport, write_rejects
 from jaxtune.curate.sdft import SdftConfig, distill
@@ -50,17 +51,24 @@ def _sampling(args) -> dict:
 
 
 def run_filter(args) -> int:
-    tokenizer = None
-    if args.tokenizer:
-        from jaxtune.hf.load import load_tokenizer
+    from jaxtune.hf.load import load_pretrained, load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer)
     dedup = () if args.dedup == ["none"] else tuple(args.dedup)
     cfg = FilterConfig(min_response_words=args.min_response_words, max_response_words=args.max_response_words,
                        max_prompt_words=args.max_prompt_words, max_tokens=args.max_tokens, language=args.language,
                        dedup=dedup, dedup_on=args.dedup_on, minhash_threshold=args.minhash_threshold,
-                       minhash_ngram=args.ngram, rouge_threshold=args.rouge_threshold, seed=args.seed)
-    kept, report = curate(_load(args.input, args.on_error, args.output), cfg, tokenizer=tokenizer)
+                       minhash_ngram=args.ngram, rouge_threshold=args.rouge_threshold, seed=args.seed,
+                       max_ifd=args.max_ifd, max_ppl=args.max_ppl, score_template=args.template,
+                       score_seq_len=args.score_seq_len, score_batch_size=args.score_batch_size,
+                       cap_per_type=args.cap_per_type, cap_by=args.cap_by, decontam_n=args.decontam_n,
+                       decontam_threshold=args.decontam_threshold)
+    references = load_references(args.decontam) if args.decontam else None
+    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    model = model_tokenizer = None
+    if args.score_model:
+        model, model_tokenizer = load_pretrained(args.score_model), load_tokenizer(args.score_model)
+    kept, report = curate(_load(args.input, args.on_error, args.output), cfg, tokenizer=tokenizer, model=model,
+                          model_tokenizer=model_tokenizer, references=references)
     _finish([report], args)
     return _write(kept, args.output, write_conversations)
 
@@ -119,6 +127,24 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", help="tokenizer/model dir for --max-tokens")
     p.add_argument("--max-tokens", type=int, help="drop conversations longer than this many tokens")
     p.add_argument("--language", help="keep only this langdetect language code (e.g. en)")
+    p.add_argument("--decontam", nargs="+", metavar="FILE",
+                   help="evaluation prompts (JSON/JSONL, `prompt` or `instruction` field) to decontaminate "
+                        "against; each set is named by its file stem")
+    p.add_argument("--decontam-n", type=int, default=8, help="words per n-gram for --decontam")
+    p.add_argument("--decontam-threshold", type=float, default=0.5,
+                   help="drop a record when this fraction of its n-grams is in a reference set")
+    p.add_argument("--score-model", metavar="DIR",
+                   help="HF model that scores each last response (IFD, perplexity); alone, only reports them")
+    p.add_argument("--template", help="chat template for scoring: built-in name or .jinja file "
+                                      "(default: the score model tokenizer's own)")
+    p.add_argument("--max-ifd", type=float, help="drop IFD >= this (1.0: the instruction does not help)")
+    p.add_argument("--max-ppl", type=float, help="drop responses with perplexity above this")
+    p.add_argument("--score-seq-len", type=int, default=512, help="longer records are not scored (dropped "
+                                                                   "when a threshold is set)")
+    p.add_argument("--score-batch-size", type=int, default=8)
+    p.add_argument("--cap-per-type", type=int, metavar="N", help="keep the first N records of each type")
+    p.add_argument("--cap-by", default="task_type", choices=CAP_BY,
+                   help="type for --cap-per-type: the task_type (else category) field, or the first word")
     p.add_argument("--on-error", default="skip", choices=("skip", "raise"), help="records the reader rejects")
     _common(p, sampling=False)
     p.set_defaults(func=run_filter)

@@ -1,5 +1,6 @@
-"""`jaxtune eval ifeval | rigidity` score saved responses; `jaxtune eval loss | forgetting | report` each take a recipe YAML (evaluates that run's export against
-its base model) or `--model DIR [--adapter DIR]`; explicit flags override what the recipe implies."""
+"""`jaxtune eval ifeval | rigidity` score saved responses; `jaxtune eval loss | forgetting | report` each take a
+recipe YAML (evaluates that run's export against its base model) or `--model DIR [--adapter DIR]`; explicit flags
+override what the recipe implies."""
 
 from __future__ import annotations
 
@@ -69,8 +70,8 @@ def _write_json(path: str | None, doc: dict) -> None:
 
 # -- eval loss ------------------------------------------------------------------------------------------------
 def _loss(args: argparse.Namespace) -> int:
-    from jaxtune.generate import load_for_inference
     from jaxtune.eval.loss import dataset_loss, examples_loss, read_text_slice, text_loss
+    from jaxtune.generate import load_for_inference
 
     t = resolve_target(args)
     model, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
@@ -119,8 +120,8 @@ def _forgetting_config(t: Target, args):
 
 def forgetting_now(t: Target, tuned, tokenizer, args) -> tuple[dict, dict]:
     """`(base figures, tuned figures)`: the run's recorded baseline when it has one, else measured on --base."""
-    from jaxtune.generate import load_for_inference
     from jaxtune.eval.forgetting import ForgettingMonitor
+    from jaxtune.generate import load_for_inference
 
     cfg, saved = _forgetting_config(t, args)
     monitor = ForgettingMonitor(tokenizer, cfg, run_dir=t.run if saved else None)
@@ -184,10 +185,15 @@ def _report(args: argparse.Namespace) -> int:
         settings={"ifeval_input": str(input_path), "limit": args.limit, "max_new_tokens": args.max_new_tokens,
                   "batch_size": args.batch_size, "template": spec, "decoding": "greedy", "run": t.run},
         base_rigidity=rig.get("base"), tuned_rigidity=rig.get("tuned"), forgetting=forgetting, metrics_rows=rows,
-        data_report=report.read_data_report(t.run) if t.run else None, n_samples=args.samples)
+        data_report=report.read_data_report(t.run) if t.run else None,
+        forgetting_sizes=report.forgetting_sizes(t.run) if t.run else None, n_samples=args.samples)
     json_path, html_path = report.write_report(doc, args.out)
-    for name, v in doc["ifeval"]["metrics"].items():
-        print(f"{name:<26}{report.pct(v['base']):>7} % (base)  {report.pct(v['tuned']):>7} % (tuned)")
+    over = doc["overreach"]
+    lines = list(doc["ifeval"]["metrics"].items())
+    lines += [("unwarranted_refusal", over["refusal"]), ("unrequested_formatting", over["formatting"]["any"])]
+    for name, v in lines:
+        print(f"{name:<24} base {report.rate_text(v['base']):<28} tuned {report.rate_text(v['tuned']):<28} "
+              f"Δ {report.points_text(v['difference'])}")
     print(f"wrote {json_path}\nwrote {html_path}")
     return 0
 
@@ -274,7 +280,7 @@ def _add_model_evals(sub) -> None:
     _target_args(p)
     p.add_argument("--data", help="instruction/chat data file, scored on response tokens as in training")
     p.add_argument("--text", help="raw text file, every token scored (perplexity)")
-    p.add_argument("--template", help="chat template for --data: chatml, llama3, alpaca or a .jinja file")
+    p.add_argument("--template", help="chat template for --data: chatml, llama3, alpaca, story or a .jinja file")
     p.add_argument("--train-on", default="assistant", choices=("assistant", "all", "last_turn"))
     p.add_argument("--seq-len", type=int, help="window / row length (default: the recipe's, else 512)")
     p.add_argument("--batch-size", type=int, default=8)

@@ -14,7 +14,7 @@ import importlib
 import sys
 
 # Top-level command modules, each with `register(subparsers)`.
-COMMANDS = ("model", "data", "export", "curate", "train", "generate")
+COMMANDS = ("model", "data", "export", "curate", "train", "generate", "pipeline")
 # Modules registering the subcommands of `jaxtune eval …`.
 EVAL_COMMANDS = ("eval",)
 

@@ -25,6 +25,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     tail = f", eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else ""
+    tail += f"; stopped early: {result.stopped}" if result.stopped else ""
     print(f"done: step {result.step}/{result.total_steps}, last train loss {result.losses[-1]:.4f}{tail}; "
           f"run dir {result.run_dir}" if result.losses else f"nothing to do: run is at step {result.step}")
     return 0

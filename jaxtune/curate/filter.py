@@ -1,38 +1,34 @@
 """Quality filters and deduplication over normalised conversations, each step named and counted.
 
 A check is `(name, fn)` with `fn(conversation) -> None` to keep it or a short reason to reject it. `curate`
-runs the quality checks, then the chosen dedup passes (exact, MinHash, ROUGE-L), and returns the kept
-conversations with a `CurateReport`. Dedup keeps the first occurrence: a record is dropped when it matches
-one already kept.
+runs the quality checks, decontamination against evaluation prompts, the chosen dedup passes (exact, MinHash,
+ROUGE-L), model scores (IFD, perplexity) and a cap per task type, and returns the kept conversations with a
+`CurateReport`. Dedup and the cap keep the first occurrences in input order.
 """
 
 from __future__ import annotations
 
 import hashlib
 import unicodedata
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from jaxtune.curate import records
+from jaxtune.curate.decontam import decontaminate
 from jaxtune.curate.report import CurateReport
+from jaxtune.curate.score import ResponseScore, distribution, response_scores
 from jaxtune.curate.similarity import MinHashIndex, RougeIndex, lcs_length, rouge_l, words
 from jaxtune.data.formats import Conversation
+from jaxtune.eval.overreach import REFUSAL_PHRASES, refusal_phrase
 
 Check = Callable[[Conversation], "str | None"]
 
-# Lower-case; apostrophes are normalised to ' before matching.
-REFUSAL_PHRASES = (
-    "as an ai language model", "as a language model", "as an ai assistant", "as an ai model",
-    "i'm just an ai", "i am just an ai", "i'm sorry, but i cannot", "i'm sorry, but i can't",
-    "i am sorry, but i cannot", "i cannot fulfill", "i can't fulfill", "i cannot assist with",
-    "i can't assist with", "i'm not able to provide", "i am not able to provide", "i do not have personal",
-    "i don't have personal opinions", "my knowledge cutoff", "trained by openai", "developed by openai",
-)
 DEDUP_METHODS = ("exact", "minhash", "rougeL")
 DEDUP_ON = ("all", "prompt", "response")
+CAP_BY = ("task_type", "verb")
 # Control, private use, unassigned, surrogate. Not format (Cf): zero-width joiners are normal in many scripts.
 _BAD_CATEGORIES = ("Cc", "Co", "Cn", "Cs")
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 
 
 @dataclass(frozen=True)
@@ -56,6 +52,19 @@ class FilterConfig:
     num_perm: int = 128
     rouge_threshold: float = 0.7
     seed: int = 0
+    # Model scores (need `curate(model=...)`): drop IFD >= max_ifd, perplexity > max_ppl.
+    max_ifd: float | None = None
+    max_ppl: float | None = None
+    score_template: str | None = None
+    score_end_token: str | None = None  # the response terminator when scoring (data.end_token's meaning)
+    score_seq_len: int = 512
+    score_batch_size: int = 8
+    # Keep the first `cap_per_type` records of each task type (meta task_type, else category) or verb.
+    cap_per_type: int | None = None
+    cap_by: str = "task_type"
+    # Word n-gram decontamination against the reference prompts passed to `curate(references=...)`.
+    decontam_n: int = 8
+    decontam_threshold: float = 0.5
 
     def __post_init__(self):
         bad = [m for m in self.dedup if m not in DEDUP_METHODS]
@@ -70,6 +79,16 @@ class FilterConfig:
                      "rouge_threshold"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}={getattr(self, name)}: must be between 0 and 1")
+        for name in ("max_ifd", "max_ppl"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be positive")
+        for name in ("cap_per_type", "decontam_n", "score_seq_len", "score_batch_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: must be at least 1")
+        if not 0 < self.decontam_threshold <= 1:
+            raise ValueError(f"decontam_threshold={self.decontam_threshold}: must be in (0, 1]")
+        if self.cap_by not in CAP_BY:
+            raise ValueError(f"cap_by={self.cap_by!r}: choose from {', '.join(CAP_BY)}")
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -110,12 +129,6 @@ def check_echo(conv: Conversation, threshold: float, max_new_words: int) -> str 
         if score >= threshold and new <= max_new_words:
             return f"response {i + 1} repeats the instruction (ROUGE-L {score:.2f}, {new} new words)"
     return None
-
-
-def refusal_phrase(text: str, phrases: tuple[str, ...] = REFUSAL_PHRASES) -> str | None:
-    """The first of `phrases` in `text`, ignoring case, spacing and curly apostrophes."""
-    text = " ".join(text.translate(_APOSTROPHES).casefold().split())
-    return next((p for p in phrases if p in text), None)
 
 
 def check_refusal(conv: Conversation, phrases: tuple[str, ...]) -> str | None:
@@ -254,11 +267,96 @@ def dedup_rouge(convs: list[Conversation], report: CurateReport, on: str = "prom
     return _dedup_near(convs, report, "near duplicate (ROUGE-L)", RougeIndex(threshold), on, "ROUGE-L")
 
 
-def curate(convs: list[Conversation], cfg: FilterConfig = FilterConfig(), *, tokenizer=None,
+# ------------------------------------------------------------------------------------ scores and balance
+
+def score_filter(scored: list[tuple[Conversation, ResponseScore]], report: CurateReport, *,
+                 max_ifd: float | None = None, max_ppl: float | None = None) -> list[Conversation]:
+    """Drop IFD >= `max_ifd` (the instruction does not help predict the response), then perplexity above
+    `max_ppl`; the notes show both distributions over everything scored."""
+    report.notes["IFD"] = distribution(s.ifd for _, s in scored)
+    report.notes["perplexity"] = distribution(s.ppl for _, s in scored)
+    checks = []
+    if max_ifd is not None:
+        checks.append((f"IFD >= {max_ifd:g}", lambda s: s.ifd >= max_ifd,
+                       lambda s: f"IFD {s.ifd:.3f} (CE {s.ce_cond:.3f} with the instruction, {s.ce_uncond:.3f} "
+                                 "without)"))
+    if max_ppl is not None:
+        checks.append((f"perplexity > {max_ppl:g}", lambda s: s.ppl > max_ppl,
+                       lambda s: f"perplexity {s.ppl:.2f} over {s.n_tokens} response tokens"))
+    report.declare(*(name for name, _, _ in checks))
+    kept = []
+    for conv, score in scored:
+        hit = next(((name, why) for name, bad, why in checks if bad(score)), None)
+        if hit:
+            report.reject(hit[0], conv.source, hit[1](score), conv)
+        else:
+            kept.append(conv)
+    return kept
+
+
+def task_type(conv: Conversation, by: str = "task_type") -> str | None:
+    """The record's type for balancing: its `task_type` label (else its `category`), or with by="verb"
+    the instruction's first word, lower-cased; None when it has none."""
+    if by == "verb":
+        first = words(records.instruction(conv))[:1] if conv.text is None else []
+        return first[0] if first else None
+    return conv.meta.get("task_type") or conv.meta.get("category")
+
+
+def cap_per_type(convs: list[Conversation], report: CurateReport, cap: int,
+                 by: str = "task_type") -> list[Conversation]:
+    """Keep the first `cap` records of each type in input order, so no task dominates. Records without a
+    type are kept and counted in the notes."""
+    label = "task type" if by == "task_type" else "verb"
+    counts: Counter = Counter()
+    kept, untyped = [], 0
+    for conv in convs:
+        kind = task_type(conv, by)
+        if kind is None:
+            untyped += 1
+            kept.append(conv)
+        elif counts[kind] >= cap:
+            report.reject(f"over cap for {label} {kind!r}", conv.source, f"{cap} already kept", conv)
+        else:
+            counts[kind] += 1
+            kept.append(conv)
+    report.notes[f"kept per {label}"] = dict(counts.most_common())
+    if untyped:
+        report.notes[f"no {label} (not capped)"] = untyped
+    return kept
+
+
+def _scored(convs, cfg: FilterConfig, model, tokenizer, report: CurateReport) -> list[Conversation]:
+    """Score with `model`; a record that cannot be scored is dropped when a threshold needs its score,
+    kept (and counted) when the scores are only reported."""
+    gate = cfg.max_ifd is not None or cfg.max_ppl is not None
+    scores = response_scores(model, tokenizer, convs, template=cfg.score_template, end_token=cfg.score_end_token,
+                             seq_len=cfg.score_seq_len,
+                             batch_size=cfg.score_batch_size, report=report if gate else None)
+    scored = [(c, s) for c, s in zip(convs, scores) if s is not None]
+    kept = score_filter(scored, report, max_ifd=cfg.max_ifd, max_ppl=cfg.max_ppl)
+    if gate:
+        return kept
+    if len(scored) < len(convs):
+        report.notes["not scored (kept)"] = len(convs) - len(scored)
+    return convs
+
+
+def curate(convs: list[Conversation], cfg: FilterConfig = FilterConfig(), *, tokenizer=None, model=None,
+           model_tokenizer=None, references: dict[str, list[str]] | None = None,
            stage: str = "filter") -> tuple[list[Conversation], CurateReport]:
-    """Quality checks, then each dedup pass in `cfg.dedup` order."""
+    """Quality checks, decontamination against `references` (set name -> prompts), each dedup pass in
+    `cfg.dedup` order, model scores when `model` is given (its tokenizer `model_tokenizer`, default
+    `tokenizer`), then the cap per type."""
+    if (cfg.max_ifd is not None or cfg.max_ppl is not None) and model is None:
+        raise ValueError("max_ifd and max_ppl need a scoring model (pass --score-model MODEL_DIR)")
+    model_tokenizer = model_tokenizer or tokenizer
+    if model is not None and model_tokenizer is None:
+        raise ValueError("scoring needs the model's tokenizer")
     report = CurateReport(stage, records_in=len(convs))
     kept = apply_checks(convs, quality_checks(cfg, tokenizer), report)
+    if references:
+        kept = decontaminate(kept, references, report, n=cfg.decontam_n, threshold=cfg.decontam_threshold)
     for method in cfg.dedup:
         if method == "exact":
             kept = dedup_exact(kept, report, cfg.dedup_on)
@@ -267,4 +365,8 @@ def curate(convs: list[Conversation], cfg: FilterConfig = FilterConfig(), *, tok
                                  cfg.minhash_ngram, cfg.seed)
         else:
             kept = dedup_rouge(kept, report, cfg.dedup_on, cfg.rouge_threshold)
+    if model is not None:
+        kept = _scored(kept, cfg, model, model_tokenizer, report)
+    if cfg.cap_per_type is not None:
+        kept = cap_per_type(kept, report, cfg.cap_per_type, cfg.cap_by)
     return kept, report

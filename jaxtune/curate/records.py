@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from jaxtune.data.formats import Conversation
+from jaxtune.data.formats import META, Conversation
 
 _MESSAGE_KEYS = ("role", "content", "tool_calls", "reasoning_content", "name", "tool_call_id")
 
@@ -98,8 +98,7 @@ def to_rows(convs: list[Conversation]) -> list[dict]:
         alpaca = [to_alpaca(c) for c in convs]
         rows = alpaca if all(r is not None for r in alpaca) else [to_messages(c) for c in convs]
     for row, conv in zip(rows, convs):
-        if "category" in conv.meta:
-            row["category"] = conv.meta["category"]
+        row.update({k: conv.meta[k] for k in META if k in conv.meta})
     return rows
 
 

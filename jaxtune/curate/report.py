@@ -27,7 +27,7 @@ class CurateReport:
     stage: str
     records_in: int = 0
     rejected: dict[str, int] = field(default_factory=dict)  # check name -> count, in check order
-    notes: dict[str, int] = field(default_factory=dict)  # other counts worth reporting
+    notes: dict[str, object] = field(default_factory=dict)  # other counts (or small dicts of them) worth reporting
     rejects: list[Reject] = field(default_factory=list)
 
     def declare(self, *checks: str) -> None:
@@ -65,7 +65,7 @@ class CurateReport:
             lines.append(f"  {name:<28} {n_in:>7} -> {n_out:<7} (-{n_in - n_out})")
             for r in examples.get(name, []):
                 lines.append(f"      e.g. {r.source}: {r.detail}: {_preview(r.item)!r}")
-        lines += [f"  {k}: {v}" for k, v in self.notes.items()]
+        lines += [f"  {k}: {_note(v)}" for k, v in self.notes.items()]
         return "\n".join(lines)
 
     def to_dict(self, n_examples: int = 3) -> dict:
@@ -88,6 +88,10 @@ def write_rejects(reports: list[CurateReport], path: str | Path) -> Path:
                 f.write(json.dumps({"stage": report.stage, "check": r.check, "source": r.source,
                                     "detail": r.detail, "item": item}, ensure_ascii=False, default=str) + "\n")
     return path
+
+
+def _note(value) -> str:
+    return ", ".join(f"{k} {v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
 
 
 def _preview(item, width: int = 80) -> str:

@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass
 
 from jaxtune.curate import records
-from jaxtune.curate.filter import refusal_phrase
 from jaxtune.curate.generator import GenerateFn
 from jaxtune.curate.report import CurateReport
 from jaxtune.curate.similarity import rouge_l, words
 from jaxtune.data.formats import Conversation
+from jaxtune.eval.overreach import refusal_phrase
 
 PROMPT = ("Below is an instruction that describes a task, along with a reference answer. Using the reference "
           "answer as a guide, write your own response.\n\n### Instruction:\n{instruction}\n\n"

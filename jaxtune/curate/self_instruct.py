@@ -38,6 +38,7 @@ INSTRUCTION_CHECKS = ("empty", "unfinished", "too short", "too long", "blacklist
 INSTANCE_CHECKS = ("no output", "too long", "same input and output", "duplicate instance", "over max_instances")
 
 _ITEM = re.compile(r"\n\s*\d+\s*[.)]\s*")
+_NUMBERED = re.compile(r"^\s*\d+\s*[.)]\s*(\S.*)$")
 _NEXT_TASK = re.compile(r"^\s*Task\s*:", re.M)
 
 
@@ -134,6 +135,16 @@ def parse_instructions(completion: str) -> list[tuple[str, bool]]:
         inst = _one_line(line)
         out.append((inst[:1].upper() + inst[1:], bool(newline or blank) or k < len(items) - 1))
     return out
+
+
+def chat_list(text: str, finished: bool) -> str:
+    """A chat model's answer to an instruction prompt (often a preamble, the list numbered from the open
+    number, a closing line) as the completion of the open list: its numbered lines, the first without its
+    number; a finished answer's last item is complete."""
+    items = [m.group(1) for m in map(_NUMBERED.match, text.splitlines()) if m]
+    if not items:
+        return text
+    return " " + "\n".join(f"{k}. {x}" if k else x for k, x in enumerate(items)) + ("\n" if finished else "")
 
 
 def check_instruction(inst: str, complete: bool, cfg: SelfInstructConfig) -> tuple[str, str] | None:

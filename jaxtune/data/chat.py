@@ -15,7 +15,7 @@ from pathlib import Path
 from jaxtune.data.formats import Conversation
 from jaxtune.data.report import RecordError
 
-BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca")
+BUILTIN_TEMPLATES = ("chatml", "llama3", "alpaca", "story")
 # End-of-turn markers of common templates; the tokenizer's eos (or data.end_token) is added per call.
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
                "<|eom_id|>")

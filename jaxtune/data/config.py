@@ -24,7 +24,7 @@ class DataConfig:
     val_fraction: share of train records held out when no validation file is given.
     format: auto or one of alpaca, sharegpt, messages, prompt_completion, text; columns: canonical name ->
     the file's name (e.g. {completion: answer}).
-    chat_template: None (the tokenizer's), chatml, llama3, alpaca, or a .jinja path; end_token: the token
+    chat_template: None (the tokenizer's), chatml, llama3, alpaca, story, or a .jinja path; end_token: the token
     that ends a response (default the tokenizer's eos; stories260K never emitted eos in pretraining).
     train_on: assistant | all | last_turn. overlong: truncate (keep prompt head) | drop.
     on_error: raise | skip (skips are counted and written to rejects_path, default in cache_dir).

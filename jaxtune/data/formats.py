@@ -21,7 +21,7 @@ ON_ERROR = ("raise", "skip")
 
 # Canonical column names; `columns` in the config maps any of them to the file's own name.
 COLUMNS = ("instruction", "input", "output", "system", "history", "instances", "conversations", "messages",
-           "role", "content", "prompt", "completion", "text", "tools", "category")
+           "role", "content", "prompt", "completion", "text", "tools", "category", "task_type")
 _ALIASES = {"completion": ("completion", "response")}
 _ROLE_NAMES = {
     "system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -268,9 +268,11 @@ def _text(record: dict, columns: dict, source: str) -> list[Conversation]:
     return [Conversation([], source, text=text, meta=_meta(record, columns))]
 
 
+META = ("category", "task_type")  # record labels carried through to curated output
+
+
 def _meta(record: dict, columns: dict) -> dict:
-    category = record.get(_col(columns, "category"))
-    return {"category": category} if isinstance(category, str) else {}
+    return {k: v for k in META if isinstance(v := record.get(_col(columns, k)), str)}
 
 
 def validate_turns(conv: Conversation) -> None:

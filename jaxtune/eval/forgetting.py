@@ -10,7 +10,8 @@ Three signals, each measured on the base model first and reported as relative ch
 
 `ForgettingMonitor.baseline(model)` runs once before training; `measure(model, step)` runs every N steps. With a
 run dir, the samples, recorded probe outputs and baseline figures are written there, and a resumed run reloads
-them instead of re-measuring a model that is no longer the base.
+them instead of re-measuring a model that is no longer the base. `assess` turns one measurement into the
+training log's line and, past `ForgettingConfig.stop_at`, the reason to stop.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -70,9 +72,18 @@ def default_general_text() -> Path | None:
     return find_asset(f"data/{GENERAL_TEXT_NAME}")
 
 
+THRESHOLDS = ("warn_at", "stop_at")  # act on the figures; they do not change what the baseline measures
+PPL_NAMES = ("base_ppl", "general_ppl")
+
+
 @dataclasses.dataclass(frozen=True)
 class ForgettingConfig:
-    """Sizes are small on purpose: the monitor runs inside training every N steps."""
+    """Sizes are small on purpose: the monitor runs inside training every N steps.
+
+    `warn_at` / `stop_at` are thresholds on the relative perplexity rise over the base: the larger of
+    `base_ppl_rel` and `general_ppl_rel` (when general text is available), e.g. 0.1 = +10%. At or above
+    `warn_at` a training check logs a warning; at or above `stop_at` training stops early (checkpointed).
+    None switches a threshold off."""
 
     n_samples: int = 16
     sample_tokens: int = 64
@@ -86,6 +97,60 @@ class ForgettingConfig:
     max_windows: int = 16
     probes: str | None = None  # default: the packaged base_tasks_v1.jsonl
     probe_tokens: int = 24
+    warn_at: float | None = None
+    stop_at: float | None = None
+
+    def __post_init__(self):
+        for name in THRESHOLDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0 or math.isinf(value)):
+                raise ValueError(f"forgetting.{name}: must be a number > 0 (a relative perplexity rise, e.g. 0.1 "
+                                 f"for +10%) or null, got {value!r}")
+        if self.warn_at is not None and self.stop_at is not None and self.warn_at > self.stop_at:
+            raise ValueError(f"forgetting.warn_at: {self.warn_at} is above forgetting.stop_at {self.stop_at}; "
+                             "the warning must come at or before the stop")
+
+
+def _measured(config: dict) -> dict:
+    """A config as the baseline depends on it: without the thresholds, which may change on resume."""
+    return {k: v for k, v in config.items() if k not in THRESHOLDS}
+
+
+def ppl_rise(result: dict) -> tuple[str, float] | None:
+    """`(name, rise)` of the larger relative perplexity rise in a `measure` result (None without any)."""
+    rises = [(name, result[PREFIX + name + "_rel"]) for name in PPL_NAMES if PREFIX + name + "_rel" in result]
+    rises = [(n, r) for n, r in rises if not math.isnan(r)]
+    return max(rises, key=lambda nr: nr[1]) if rises else None
+
+
+def _pct(value: float) -> str:
+    return f"{value * 100:g}%"
+
+
+def assess(result: dict, cfg: ForgettingConfig, step: int) -> tuple[str, str | None]:
+    """`(line, stop)` for one check: the log line, e.g. `forgetting @ step 100: base ppl 4.21 (+3.2%)  general ppl
+    9.10 (+1.0%)  probe agreement 92%`, with a warning appended at or above `warn_at`; `stop` is why training
+    should stop (at or above `stop_at`), else None."""
+    parts = []
+    for name in PPL_NAMES:
+        if PREFIX + name in result:
+            parts.append(f"{name.replace('_', ' ')} {result[PREFIX + name]:.2f} "
+                         f"({result[PREFIX + name + '_rel'] * 100:+.1f}%)")
+    if PREFIX + "probe_agreement" in result:
+        parts.append(f"probe agreement {result[PREFIX + 'probe_agreement'] * 100:.0f}%")
+    line = f"forgetting @ step {step}: " + "  ".join(parts)
+    worst = ppl_rise(result)
+    if worst is None:
+        return line, None
+    name, rise = worst
+    what = f"{name.split('_')[0]} perplexity rose {rise * 100:.1f}%"
+    if cfg.stop_at is not None and rise >= cfg.stop_at:
+        reason = f"{what} ≥ forgetting.stop_at {_pct(cfg.stop_at)} at the forgetting check of step {step}"
+        return f"{line} — STOP: {what} ≥ stop_at {_pct(cfg.stop_at)}", reason
+    if cfg.warn_at is not None and rise >= cfg.warn_at:
+        return f"{line} — WARNING: {what} ≥ warn_at {_pct(cfg.warn_at)}", None
+    return line, None
 
 
 def saved_config(run_dir: str | Path) -> ForgettingConfig | None:
@@ -93,7 +158,7 @@ def saved_config(run_dir: str | Path) -> ForgettingConfig | None:
     path = Path(run_dir) / "forgetting" / "baseline.json"
     if not path.is_file():
         return None
-    return ForgettingConfig(**json.loads(path.read_text())["config"])
+    return ForgettingConfig(**_measured(json.loads(path.read_text())["config"]))
 
 
 def _rel(value: float, base: float) -> float:
@@ -235,12 +300,12 @@ class ForgettingMonitor:
             write_jsonl(self.dir / "base_samples.jsonl",
                         ({"ids": s, "text": self.tokenizer.decode(s, skip_special_tokens=True)} for s in self.samples))
         write_jsonl(self.dir / "base_probe_outputs.jsonl", self.base_outputs)
-        doc = {"config": dataclasses.asdict(self.cfg), "sources": self._sources(), "base": self.base_metrics}
+        doc = {"config": _measured(dataclasses.asdict(self.cfg)), "sources": self._sources(), "base": self.base_metrics}
         (self.dir / "baseline.json").write_text(json.dumps(doc, indent=2) + "\n")
 
     def _load(self) -> dict:
         doc = json.loads((self.dir / "baseline.json").read_text())
-        if doc["config"] != dataclasses.asdict(self.cfg):
+        if _measured(doc["config"]) != _measured(dataclasses.asdict(self.cfg)):
             raise ValueError(f"{self.dir / 'baseline.json'} was recorded with a different forgetting config "
                              f"({doc['config']}); use the same settings or a fresh run dir")
         if doc["sources"]["general_sha256"] != self._sources()["general_sha256"]:

@@ -147,3 +147,8 @@ def dataset_loss(model, tokenizer, path: str, *, seq_len: int = 512, batch_size:
     examples, _, _ = prepare_dataset(cfg, tokenizer)
     return examples_loss(model, examples[:max_examples], seq_len=seq_len, batch_size=batch_size,
                          pad_id=pad_id_for(tokenizer), packing=packing, mesh=mesh)
+
+
+def sequence_losses(model, seqs: Sequence[Sequence[int]], seq_len: int, *, mesh=None) -> list[float]:
+    """Mean NLL of each token sequence on its own (one row per call, one compile), for per-item intervals."""
+    return [evaluate_loss(model, batches_of(sequence_rows([s], seq_len), 1), mesh=mesh).loss for s in seqs]

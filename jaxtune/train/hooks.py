@@ -4,8 +4,10 @@ forgetting check and checkpointing. `make_hooks` is the one list of them; a new 
 
 The loop and the hooks share two objects: `Run`, fixed for the run (built by `loop.set_up`), and
 `TrainState`, which each step changes. A hook is called with the state after a step whose number its
-interval divides or where its `also` condition holds (e.g. the last step). Hooks run in list order:
-evaluation comes before the checkpoint, which ranks itself by that step's eval loss.
+interval divides or where its `also` condition holds (e.g. the last step). Hooks run in list order: the
+forgetting check comes first, since past `forgetting.stop_at` it ends the run (`state.stopped`) and the
+evaluation and checkpoint then run for that last step; evaluation comes before the checkpoint, which ranks
+itself by that step's eval loss.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class TrainState:
     eval_loss: float | None = None  # the last step's, when the eval hook ran on it
     losses: list[float] = dataclasses.field(default_factory=list)  # this invocation's train losses
     skipped: int = 0
+    stopped: str | None = None  # why the run ends early (set by a hook; the loop ends after this step)
 
 
 @dataclasses.dataclass
@@ -100,15 +103,22 @@ def make_hooks(run: Run, state: TrainState) -> list[Hook]:
     """The run's hooks in the order they run. The forgetting hook measures its baseline here, before step 1."""
     t = run.cfg.train
     last = lambda s: s.step == run.end  # noqa: E731
-    save = Hook("checkpoint", save_checkpoint(run), every=t.save_every, also=last)
+
+    def final(s: TrainState) -> bool:  # the last step of this invocation, or one a hook ended the run at
+        return s.step == run.end or s.stopped is not None
+
+    save = Hook("checkpoint", save_checkpoint(run), every=t.save_every, also=final)
     hooks = [Hook("metrics", write_metrics(run), every=1),
              Hook("log", log_line(run), every=t.log_every, also=last)]
-    if run.eval_batches:
-        # keep_best ranks checkpoints by eval loss, so every save is evaluated first.
-        at = lambda s: s.step == run.total_steps or bool(t.keep_best and save.due(s))  # noqa: E731
-        hooks.append(Hook("eval", evaluate_hook(run), every=t.eval_every, also=at))
     if run.cfg.forgetting is not None and t.forgetting_every:
         hooks.append(Hook("forgetting", forgetting_hook(run, state), every=t.forgetting_every))
+    if run.eval_batches:
+        def at(s: TrainState) -> bool:
+            # keep_best ranks checkpoints by eval loss, so every save is evaluated first; the step a hook
+            # stopped the run at is evaluated like the schedule's last.
+            return s.step == run.total_steps or s.stopped is not None or bool(t.keep_best and save.due(s))
+
+        hooks.append(Hook("eval", evaluate_hook(run), every=t.eval_every, also=at))
     hooks.append(save)
     return hooks
 
@@ -168,14 +178,21 @@ def evaluate_hook(run: Run):
 
 def forgetting_hook(run: Run, state: TrainState):
     """Drift from the base model (eval/forgetting.py). The baseline is measured now, on the base, and written
-    as step 0; a resumed run reloads the one recorded in the run dir instead."""
-    monitor = forgetting.ForgettingMonitor(run.tokenizer, run.cfg.forgetting, run_dir=run.run_dir, mesh=run.mesh)
+    as step 0; a resumed run reloads the one recorded in the run dir instead. Each check is one log line
+    (`forgetting.assess`); at or above `forgetting.stop_at` it sets `state.stopped`."""
+    cfg = run.cfg.forgetting
+    monitor = forgetting.ForgettingMonitor(run.tokenizer, cfg, run_dir=run.run_dir, mesh=run.mesh)
     base = monitor.baseline(run.model(state))
     if state.step == 0:
         run.writer.write(0, base, "forgetting")
 
     def fn(s: TrainState) -> None:
-        run.writer.write(s.step, monitor.measure(run.model(s), s.step), "forgetting")
+        result = monitor.measure(run.model(s), s.step)
+        run.writer.write(s.step, result, "forgetting")
+        line, stop = forgetting.assess(result, cfg, s.step)
+        run.bar.log(line)
+        if stop is not None:
+            s.stopped = stop
 
     return fn
 

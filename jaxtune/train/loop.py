@@ -1,6 +1,10 @@
 """The training run behind `jaxtune train`: set up (recipe → mesh, model, data, the steps assembled by
 `train/plan.py`, the checkpoint to resume from), loop (one jitted step, then the hooks of
-`train/hooks.py`: metrics, eval, forgetting, checkpoints), finish (export).
+`train/hooks.py`: metrics, forgetting, eval, checkpoints), finish (export).
+
+Two ways to end before the schedule does: the NaN guard raises `TrainingStopped` (a failure; the last good
+checkpoint is kept as it was), and the forgetting check past `forgetting.stop_at` ends the run cleanly (a
+decision: the step is checkpointed, exported when configured, and `RunResult.stopped` says why).
 
 Resume is exact: parameters and optimizer state come from the checkpoint, the data loader continues from
 its saved grain state, and each step's RNG is `fold_in(seed key, step)`, so N steps + resume + N steps
@@ -62,6 +66,7 @@ class RunResult:
     compiles: int
     skipped_steps: int
     export_dir: Path | None = None
+    stopped: str | None = None  # why the run ended before its schedule (e.g. forgetting past stop_at)
 
 
 def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = None,
@@ -79,7 +84,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = N
             run.bar.log(line)
         hooks = make_hooks(run, state)
         with gc_frozen():
-            while state.step < run.end:
+            while state.step < run.end and state.stopped is None:
                 run_step(run, state)
                 run_hooks(hooks, state)
                 fault_at("train.after_step", state.step)
@@ -285,13 +290,17 @@ def nan_guard(run: Run, s: TrainState, finite: bool) -> None:
 
 
 def finish(run: Run, s: TrainState) -> RunResult:
-    """Export once the schedule is complete (not when `stop_after` ended this invocation early)."""
+    """Export once the schedule is complete or a hook stopped the run (not when `stop_after` ended this
+    invocation early)."""
+    if s.stopped is not None:
+        run.bar.log(f"stopped early at step {s.step}/{run.total_steps}: {s.stopped}; checkpoint step {s.step} "
+                    f"saved in {run.run_dir / 'checkpoints'}")
     export_dir = None
-    if run.cfg.output.export and s.step == run.total_steps and metrics_lib.is_writer():
+    if run.cfg.output.export and (s.step == run.total_steps or s.stopped is not None) and metrics_lib.is_writer():
         export_dir = export(run.cfg, run.model(s), run.tokenizer, run.token_ids, run.run_dir, run.bar.log)
     return RunResult(run_dir=run.run_dir, step=s.step, total_steps=run.total_steps, losses=s.losses,
                      eval_loss=s.eval_loss, compiles=run.parts.train_step._cache_size(), skipped_steps=s.skipped,
-                     export_dir=export_dir)
+                     export_dir=export_dir, stopped=s.stopped)
 
 
 def export(cfg: RecipeConfig, model, tokenizer, token_ids, run_dir: Path, log) -> Path:

@@ -24,7 +24,7 @@ MAY_CHANGE = frozenset({
     "train.keep_last", "train.keep_best", "train.async_checkpoint", "train.compile_cache",
     "output.run_dir", "output.export", "output.tensorboard", "output.progress",
     "model.path", "model.tokenizer", "data.train", "data.validation", "data.cache_dir", "data.rejects_path",
-    "data.max_dropped_fraction", "data.max_truncated_fraction",
+    "data.max_dropped_fraction", "data.max_truncated_fraction", "forgetting.warn_at", "forgetting.stop_at",
 })
 
 
