@@ -100,6 +100,23 @@ def paired_difference(base: Sequence[float], tuned: Sequence[float], *, n_boot: 
     return _bootstrap(t - b, n_boot, seed, "paired bootstrap")
 
 
+def difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, seed: int = 0) -> Estimate:
+    """Mean of `a` minus mean of `b` for two independent samples (e.g. seen vs unseen task types); each side
+    is resampled on its own. `n` is the smaller side."""
+    x, y = _as_values(a, "difference a"), _as_values(b, "difference b")
+    if x.size == 0 or y.size == 0:
+        return Estimate(None, None, None, min(x.size, y.size), None, "bootstrap difference")
+    if n_boot < 1:
+        raise ValueError(f"n_boot={n_boot}: must be at least 1")
+    value = float(x.mean() - y.mean())
+    rng = np.random.default_rng(seed)
+    diffs = (x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+             - y[rng.integers(0, y.size, size=(n_boot, y.size))].mean(axis=1))
+    lo, hi = np.percentile(diffs, [2.5, 97.5])
+    return Estimate(value, min(float(lo), value), max(float(hi), value), int(min(x.size, y.size)), None,
+                    "bootstrap difference")
+
+
 # --------------------------------------------------------------------------------------------- formatting
 
 def fmt_rate(e: Estimate) -> str:

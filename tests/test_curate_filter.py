@@ -237,23 +237,24 @@ def test_score_filter_drops_ifd_and_perplexity_and_reports_distributions():
 
 
 def test_curate_scores_with_the_model_and_counts_what_it_cannot_score(monkeypatch):
-    import jaxtune.curate.filter as filter_mod
+    import jaxtune.curate.score as score_mod
 
     data = [conv("Name a planet.", "Mars", "good"), conv("Name a color.", "Blue", "noisy"),
             conv("Name a fruit.", "Apple", "long")]
     seen = {}
 
-    def fake_scores(model, tokenizer, convs, *, template, seq_len, batch_size, report):
-        seen.update(model=model, tokenizer=tokenizer, template=template, seq_len=seq_len, n=len(convs))
+    def fake_scores(model, tokenizer, convs, *, template, end_token, seq_len, batch_size, report):
+        seen.update(model=model, tokenizer=tokenizer, template=template, end_token=end_token, seq_len=seq_len,
+                    n=len(convs))
         if report is not None:
             report.reject("not scored (longer than seq_len)", convs[2].source, "too long", convs[2])
         return [_score(0.6), _score(1.2), None]
 
-    monkeypatch.setattr(filter_mod, "response_scores", fake_scores)
-    cfg = F.FilterConfig(max_ifd=1.0, score_template="chatml", score_seq_len=64)
+    monkeypatch.setattr(score_mod, "response_scores", fake_scores)
+    cfg = F.FilterConfig(max_ifd=1.0, score_template="chatml", score_end_token="<s>", score_seq_len=64)
     kept, report = F.curate(data, cfg, model="M", model_tokenizer="T")
     assert [c.source for c in kept] == ["good"]
-    assert seen == {"model": "M", "tokenizer": "T", "template": "chatml", "seq_len": 64, "n": 3}
+    assert seen == {"model": "M", "tokenizer": "T", "template": "chatml", "end_token": "<s>", "seq_len": 64, "n": 3}
     assert {k: v for k, v in report.rejected.items() if v} == {"not scored (longer than seq_len)": 1,
                                                                "IFD >= 1": 1}
     assert report.records_out == 1 and report.notes["IFD"]["n"] == 2

@@ -23,7 +23,9 @@ RECIPE = REPO / "configs" / "pipeline-tiny.yaml"
 SHRINK = ["generate.tasks=16", "generate.samples=2", "tune.train.steps=6", "tune.train.forgetting_every=3",
           "tune.train.log_every=3", "tune.optim.warmup_steps=2", "domain.eval_limit=16", "output.progress=false", "evaluate.n_boot=200",
           "tune.forgetting.n_samples=4", "tune.forgetting.max_windows=2", "tune.forgetting.general_chars=4000",
-          "tune.forgetting.probe_tokens=8", "rounds=1"]
+          "tune.forgetting.probe_tokens=8", "evaluate.latency_prompts=4", "evaluate.latency_repeats=1",
+          "evaluate.latency_batch_size=2", "evaluate.hallucination_max_new_tokens=16", "evaluate.hallucination_limit=12",
+          "rounds=1"]
 
 
 def _cfg(stories_dir, run_dir, *extra):
@@ -61,6 +63,9 @@ def test_every_stage_runs_and_keeps_records(first_run):
     # The training data is the base model's own verified stories, ended by BOS in the data.
     data = [json.loads(x) for x in (round_dir(run_dir, 1) / "tune" / "train.jsonl").read_text().splitlines()]
     assert data and all(r["output"] and r["instruction_id_list"] for r in data)
+    # The held-out task type never reaches generation or training.
+    generated = [json.loads(x) for x in (round_dir(run_dir, 1) / "generate" / "tasks.jsonl").read_text().splitlines()]
+    assert {r["task_type"] for r in data} and "lesson" not in {r["task_type"] for r in data + generated}
     assert (round_dir(run_dir, 1) / "tune" / "merged" / "model.safetensors").is_file()
     assert (round_dir(run_dir, 1) / "tune" / "adapter" / "adapter_model.safetensors").is_file()
     assert any(line.startswith("[pipeline] round 1 generate: 16 in") for line in lines)
@@ -77,6 +82,16 @@ def test_report_has_rounds_with_intervals(first_run, html_checker):
         assert r["report"]["overreach"]["refusal"]["n"] == doc["n_report_prompts"]
         assert "startend:end_checker" in r["report"]["unasked_format"]
     assert doc["rounds"][1]["vs_base"]["prompt_all_followed"]["method"] == "paired bootstrap"
+    gen = doc["rounds"][1]["report"]["generalization"]
+    assert gen["unseen_task_types"] == ["lesson"] and gen["seen"]["n"] > 0 and gen["unseen"]["n"] > 0
+    for name in ("grounded", "closedbook"):
+        h = doc["rounds"][1]["hallucination"][name]["hallucination"]
+        assert h["tuned"]["n"] == 12 and h["difference"]["method"] == "paired bootstrap"
+    timing = json.loads((round_dir(run_dir, 1) / "report" / "timing.json").read_text())["timing"]
+    assert set(timing["inference"]["1"]["models"]) == {"base", "tuned"}
+    assert timing["inference"]["1"]["setup"]["prompts"] == 4
+    assert timing["data"]["1"]["device_seconds"] > 0 and timing["data"]["1"]["total"] > 0
+    assert "timing" not in doc  # report.json stays free of wall times
     rise = doc["rounds"][1]["forgetting"]["base_ppl_rise"]
     assert rise["n"] > 0 and rise["lo"] <= rise["value"] <= rise["hi"]
     # The report split never reaches generation: no report prompt is a generated task.
@@ -87,6 +102,8 @@ def test_report_has_rounds_with_intervals(first_run, html_checker):
     assert not report_prompts & generated
     html = (round_dir(run_dir, 1) / "report" / "report.html").read_text()
     assert "95%" in html and "pts" in html and "relative change" not in html
+    for section in ("Hallucination", "Generalization", "Inference cost", "Data cost"):
+        assert f"<h2>{section}" in html
     page = html_checker(round_dir(run_dir, 1) / "report" / "report.html")
     assert page.problems() == [] and page.n_images == 2
 

@@ -150,6 +150,9 @@ def test_tasks_come_from_the_teachers_instructions_with_allocated_constraints(ge
     assert not first.skipped and first.counts["in"] == len(tasks) == TASKS
     assert first.counts["made"]["instructions"] == TASKS
     assert sum("Come up with a series of tasks" in r["messages"][-1]["content"] for r in server.requests) >= 1
+    # The data cost counts every answered request, instruction writing included (the server bills 7 tokens
+    # per completion; the one HTTP 500 was not answered).
+    assert first.counts["teacher_usage"]["tokens_out"] == 7 * (len(server.requests) - 1)
     # Each task is one of the instructions the teacher wrote, with its constraints' phrases appended.
     for t in tasks:
         assert any(t["prompt"].startswith(i + " ") for i in teacher.instructions), t["prompt"]

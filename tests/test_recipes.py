@@ -16,7 +16,8 @@ from jaxtune.model.sharding import make_mesh
 from jaxtune.train.plan import format_plan, lower_train_step
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "configs").glob("*.yaml"))
+# Training recipes; configs/pipeline-*.yaml are pipeline recipes (tests/test_pipeline_config.py).
+RECIPES = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("pipeline-"))
 
 # The architecture each recipe's model directory holds, as transformers configs (what config.json says).
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

@@ -139,3 +139,12 @@ def test_formatting_strings():
     assert stats.fmt_mean(stats.Estimate(3.14159, 3.0, 3.3, 50)) == "3.142 [3.000, 3.300] n=50"
     assert stats.fmt_mean(stats.Estimate(3.14159, 3.0, 3.3, 50), digits=1) == "3.1 [3.0, 3.3] n=50"
     assert stats.fmt_mean(stats.mean([])) == "n/a (n=0)"
+
+
+def test_independent_difference():
+    a, b = [1.0] * 30 + [0.0] * 10, [1.0] * 10 + [0.0] * 30
+    d = stats.difference(a, b, n_boot=500, seed=1)
+    assert d.value == pytest.approx(0.5) and d.lo < 0.5 < d.hi and d.lo > 0.2 and d.n == 40
+    assert d == stats.difference(a, b, n_boot=500, seed=1)
+    assert stats.difference([1.0, 1.0], [1.0, 1.0]).value == 0.0
+    assert stats.difference([], [1.0]).value is None

@@ -1,5 +1,5 @@
-"""`jaxtune eval ifeval | rigidity` score saved responses; `jaxtune eval loss | forgetting | report` each take a
-recipe YAML (evaluates that run's export against its base model) or `--model DIR [--adapter DIR]`; explicit flags
+"""`jaxtune eval ifeval | rigidity` score saved responses; `jaxtune eval loss | forgetting | report | grounded |
+closedbook | cost` each take a recipe YAML (evaluates that run's export against its base model) or `--model DIR [--adapter DIR]`; explicit flags
 override what the recipe implies."""
 
 from __future__ import annotations
@@ -198,6 +198,170 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- eval cost ------------------------------------------------------------------------------------------------
+def _cost_prompts(args: argparse.Namespace) -> tuple[list[str], str]:
+    """User prompts: the last user turn of each --data record, else the `prompt`/`instruction` field of each
+    --prompts record (default: the IFEval input in the assets)."""
+    if args.data and args.prompts:
+        raise ValueError("give --data FILE or --prompts FILE, not both")
+    if args.data:
+        from jaxtune.curate.records import prompt
+        from jaxtune.data.formats import load_records
+
+        convs, _ = load_records(args.data)
+        prompts = [prompt(c) for c in convs if c.text is None]
+        if len(prompts) < len(convs):
+            print(f"note: {args.data}: {len(convs) - len(prompts)} plain-text record(s) have no user turn; skipped",
+                  file=sys.stderr)
+        source = args.data
+    else:
+        from jaxtune.assets import find_asset
+        from jaxtune.curate.decontam import load_reference_prompts
+        from jaxtune.eval.ifeval import DEFAULT_INPUT_NAME
+
+        source = args.prompts or find_asset(f"data/{DEFAULT_INPUT_NAME}")
+        if source is None:
+            raise ValueError("no prompts: pass --data FILE or --prompts FILE (no IFEval input under $JAXTUNE_ASSETS)")
+        prompts = load_reference_prompts(source)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: must be at least 1")
+    if not prompts:
+        raise ValueError(f"{source}: no prompts found")
+    return prompts[:args.limit], str(source)
+
+
+def _cost(args: argparse.Namespace) -> int:
+    from jaxtune.data.chat import resolve_template
+    from jaxtune.eval.latency import TIMES, measure_latency
+    from jaxtune.generate import load_for_inference, stop_token_ids
+    from jaxtune.stats import Estimate, fmt_mean
+
+    t = resolve_target(args)
+    if not t.base:
+        raise ValueError("eval cost compares against the base model: pass --base DIR (or a recipe)")
+    if args.merge and not t.adapter:
+        raise ValueError("--merge folds an adapter into the weights: pass --adapter DIR (or a recipe that exported one)")
+    prompts, source = _cost_prompts(args)
+    tuned, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
+    if args.merge and t.adapter:
+        from jaxtune.lora.apply import merge_lora
+
+        tuned = merge_lora(tuned)
+    base, _ = load_for_inference(t.base, dtype=t.dtype)
+    spec = args.template or (t.recipe.data.chat_template if t.recipe is not None else None)
+    template = resolve_template(spec, tok)
+    stops = stop_token_ids(base.config, tok, template, extra=args.stop_id)
+    res = measure_latency({"base": base, "tuned": tuned}, tok, prompts, template=template, stop_ids=stops,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, repeats=args.repeats)
+    s = res["setup"]
+    for side in ("base", "tuned"):
+        if not res["models"][side]["deterministic"]:
+            print(f"note: {side} wrote different tokens in different repeats (nondeterministic kernels); lengths "
+                  "are from the first repeat", file=sys.stderr)
+    adapter = "" if not t.adapter else "; adapter merged" if args.merge else "; adapter unmerged (--merge folds it)"
+    print(f"{source}: {s['prompts']} prompts in {s['batches']} batches of {s['batch_size']}, {s['repeats']} "
+          f"repeat(s), up to {s['max_new_tokens']} new tokens, greedy, on {s['device']}; compile time excluded "
+          f"(an untimed warm-up per model and batch shape){adapter}")
+    labels = {"length": "response tokens", "ttft_ms": "TTFT ms/batch", "per_token_ms": "decode ms/token",
+              "total_ms": "total ms/batch"}
+    for key in ("length", *TIMES):
+        for side in ("base", "tuned"):
+            print(f"{labels[key]:<17}{side:<13}{fmt_mean(Estimate(**res['models'][side][key]))}")
+        ratio = res["comparison"]["tuned"]["ratio"][key]
+        print(f"{'':<17}{'tuned - base':<13}{fmt_mean(Estimate(**res['comparison']['tuned'][key]))}  "
+              f"tuned/base {'n/a' if ratio is None else f'{ratio:.3f}'}")
+    print(f"total ms/prompt  base {res['models']['base']['per_prompt_ms']:.3f}  "
+          f"tuned {res['models']['tuned']['per_prompt_ms']:.3f}")
+    if args.out:
+        _write_json(str(Path(args.out) / "cost.json"),
+                    {"tuned": {"model": t.model, "adapter": t.adapter, "merged": bool(args.merge and t.adapter)},
+                     "base": {"model": t.base},
+                     "prompts": source, "template": spec, **res})
+    return 0
+
+
+def _add_cost(sub) -> None:
+    c = sub.add_parser("cost", help="inference cost of tuned vs base: response length, time to first token, "
+                                    "per-token decode time, on the same prompts and batches")
+    _target_args(c)
+    c.add_argument("--base", help="base model dir (default: the recipe's model.path)")
+    c.add_argument("--data", help="instruction/chat data file: each record's last user turn is a prompt")
+    c.add_argument("--prompts", help="JSON/JSONL of records with a prompt or instruction field (default: the "
+                                     "IFEval input in assets)")
+    c.add_argument("--template", help="chat template for prompts (default: the recipe's, else the tokenizer's)")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    c.add_argument("--merge", action="store_true",
+                   help="fold --adapter into the weights before timing, as a merged export serves it, so the "
+                   "adapter's extra matmuls are not timed")
+    c.add_argument("--stop-id", type=int, action="append", default=[],
+                   help="extra token id to stop at (repeatable); EOS and the template's end-of-turn are included")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--repeats", type=int, default=3, help="timed runs per batch and model (median taken)")
+    c.add_argument("--limit", type=int, help="use only the first N prompts")
+    c.add_argument("--out", help="output directory: cost.json")
+    c.set_defaults(func=_cost)
+
+
+# -- eval grounded | closedbook --------------------------------------------------------------------------------
+def _hallucination(args: argparse.Namespace) -> int:
+    from jaxtune.data.chat import resolve_template
+    from jaxtune.eval import closedbook, grounded
+    from jaxtune.eval.hallucination import write_result
+    from jaxtune.generate import load_for_inference
+
+    load, run, report = {
+        "grounded": (grounded.load_grounded, grounded.evaluate_grounded, grounded.format_report),
+        "closedbook": (closedbook.load_closedbook, closedbook.evaluate_closedbook, closedbook.format_report),
+    }[args.task]
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: must be at least 1")
+    t = resolve_target(args)
+    records = load(args.data)[:args.limit]
+    tuned, tok = load_for_inference(t.model, t.adapter, tokenizer=t.tokenizer, dtype=t.dtype)
+    models = {"tuned": tuned} if t.base else {"model": tuned}
+    if t.base:
+        models = {"base": load_for_inference(t.base, dtype=t.dtype)[0], **models}
+    spec = args.template or (t.recipe.data.chat_template if t.recipe is not None else None)
+    template = resolve_template(spec, tok)
+    if template is None:
+        print("note: the tokenizer has no chat template and no --template was given; prompting with raw text",
+              file=sys.stderr)
+    doc = run(models, tok, records, template=template, max_new_tokens=args.max_new_tokens,
+              batch_size=args.batch_size, extra_stop_ids=args.stop_id)
+    doc = {"models": {"model": t.model, "adapter": t.adapter, "base": t.base},
+           "settings": {"data": args.data or "packaged", "limit": args.limit, "template": spec,
+                        "max_new_tokens": args.max_new_tokens, "decoding": "greedy", "stop_ids": args.stop_id},
+           **doc}
+    print(report(doc))
+    print(f"wrote {write_result(doc, args.out or f'{args.task}_{Path(t.model).name}', args.task)}")
+    return 0
+
+
+def _add_hallucination(sub) -> None:
+    """`grounded` and `closedbook`: generate answers with a model (and its base) and score hallucination."""
+    for task, about, data in (
+        ("grounded", "hallucination about a given story: answers checked word by word against the story",
+         "grounded JSONL {id, context, question, answer, aliases, kind} (default: the packaged stories)"),
+        ("closedbook", ("hallucination without a story: answers, abstentions and guesses on known and "
+                        "unanswerable questions"),
+         "closed-book JSONL {id, question, answers} (default: the packaged questions)"),
+    ):
+        p = sub.add_parser(task, help=about, description=f"Score {about}. With --base, base and tuned side by "
+                           "side with their paired difference in points. Writes <out>/" + task + ".json.")
+        _target_args(p)
+        p.add_argument("--base", help="base model dir to compare against (default: the recipe's model.path)")
+        p.add_argument("--data", help=data)
+        p.add_argument("--limit", type=int, help="use only the first N records")
+        p.add_argument("--template", help="chat template for prompts (default: the recipe's, else the "
+                       "tokenizer's; none: raw text)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--batch-size", type=int, default=8)
+        p.add_argument("--stop-id", type=int, action="append", default=[],
+                       help="extra token id to stop at (repeatable), e.g. 1 for stories260K's end-of-story <s>")
+        p.add_argument("--out", help=f"output directory (default: ./{task}_<model dir name>)")
+        p.set_defaults(func=_hallucination, task=task)
+
+
 # -- registration ---------------------------------------------------------------------------------------------
 def _ifeval(args: argparse.Namespace) -> int:
     from jaxtune.eval import ifeval
@@ -318,6 +482,8 @@ def _add_model_evals(sub) -> None:
 
 
 def register(sub) -> None:
-    """The `jaxtune eval` group: ifeval, rigidity, loss, forgetting, report."""
+    """The `jaxtune eval` group: ifeval, rigidity, loss, forgetting, report, cost, grounded, closedbook."""
     _add_scoring(sub)
     _add_model_evals(sub)
+    _add_cost(sub)
+    _add_hallucination(sub)

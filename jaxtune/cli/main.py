@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"jaxtune.cli.{name}").register(sub)
-    ev = sub.add_parser("eval", help="evaluate a model: loss, ifeval, rigidity, forgetting, report")
+    ev = sub.add_parser("eval", help="evaluate a model: loss, ifeval, rigidity, forgetting, grounded, closedbook, cost, "
+                                        "report")
     ev_sub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True)
     for name in EVAL_COMMANDS:
         importlib.import_module(f"jaxtune.cli.{name}").register(ev_sub)

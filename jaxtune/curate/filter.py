@@ -11,16 +11,19 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from jaxtune.curate import records
 from jaxtune.curate.decontam import decontaminate
 from jaxtune.curate.report import CurateReport
-from jaxtune.curate.score import ResponseScore, distribution, response_scores
 from jaxtune.curate.similarity import MinHashIndex, RougeIndex, lcs_length, rouge_l, words
 from jaxtune.data.formats import Conversation
 from jaxtune.eval.overreach import REFUSAL_PHRASES, refusal_phrase
+
+if TYPE_CHECKING:  # score.py imports jax; the CLI builds its parser without it
+    from jaxtune.curate.score import ResponseScore
 
 Check = Callable[[Conversation], "str | None"]
 
@@ -273,6 +276,8 @@ def score_filter(scored: list[tuple[Conversation, ResponseScore]], report: Curat
                  max_ifd: float | None = None, max_ppl: float | None = None) -> list[Conversation]:
     """Drop IFD >= `max_ifd` (the instruction does not help predict the response), then perplexity above
     `max_ppl`; the notes show both distributions over everything scored."""
+    from jaxtune.curate.score import distribution
+
     report.notes["IFD"] = distribution(s.ifd for _, s in scored)
     report.notes["perplexity"] = distribution(s.ppl for _, s in scored)
     checks = []
@@ -330,6 +335,8 @@ def _scored(convs, cfg: FilterConfig, model, tokenizer, report: CurateReport) ->
     """Score with `model`; a record that cannot be scored is dropped when a threshold needs its score,
     kept (and counted) when the scores are only reported."""
     gate = cfg.max_ifd is not None or cfg.max_ppl is not None
+    from jaxtune.curate.score import response_scores
+
     scores = response_scores(model, tokenizer, convs, template=cfg.score_template, end_token=cfg.score_end_token,
                              seq_len=cfg.score_seq_len,
                              batch_size=cfg.score_batch_size, report=report if gate else None)

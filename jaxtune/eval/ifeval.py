@@ -68,7 +68,11 @@ def _parse_input(record: dict, where: str) -> dict:
             validate_instruction(instruction_id, kw)
         except ValueError as e:
             raise IFEvalDataError(f"{where}: instruction_id_list[{i}]: {e}") from None
-    return {"key": record.get("key"), "prompt": record["prompt"], "instruction_id_list": ids, "kwargs": clean}
+    task_type = record.get("task_type")
+    if task_type is not None and not isinstance(task_type, str):
+        raise IFEvalDataError(f"{where}: field 'task_type' must be a string when given")
+    out = {"key": record.get("key"), "prompt": record["prompt"], "instruction_id_list": ids, "kwargs": clean}
+    return {**out, "task_type": task_type} if task_type is not None else out
 
 
 def load_inputs_with_lines(path: str | os.PathLike) -> list[tuple[int, dict]]:

@@ -24,6 +24,7 @@ from jaxtune.train.optim import OptimConfig
 
 BUILTIN_DOMAIN = "stories"
 PATHS = (("model", ("path", "tokenizer")), ("domain", ("seeds", "eval", "template")),
+         ("evaluate", ("grounded", "closedbook")),
          *((f"tune.{section}", keys) for section, keys in RECIPE_PATHS if section == "forgetting"))
 
 
@@ -39,7 +40,9 @@ class DomainSection:
     records (`key`, `prompt`, `instruction_id_list`, `kwargs`, optional `task_type`), split by a hash of their
     key into a steering split (its failures decide what the next round generates) and a held-out report split
     (`report_fraction` of them) that no generation, filter or allocation ever sees.
-    `template`/`end_token`: the chat template and response terminator used for prompting and tuning."""
+    `template`/`end_token`: the chat template and response terminator used for prompting and tuning.
+    `unseen_task_types`: task types held out of all generated and training data, so the report can show how
+    the model does on kinds of task it was never tuned on, next to the seen ones."""
 
     seeds: str = BUILTIN_DOMAIN
     eval: str = BUILTIN_DOMAIN
@@ -47,6 +50,7 @@ class DomainSection:
     end_token: str | None = None
     report_fraction: float = 0.5
     eval_limit: int | None = None
+    unseen_task_types: tuple[str, ...] = ()
 
     def __post_init__(self):
         _need(0.0 < self.report_fraction < 1.0, "domain.report_fraction", "must be between 0 and 1")
@@ -119,7 +123,11 @@ class TuneSection:
 @dataclass(frozen=True)
 class EvaluateSection:
     """Responses to every eval prompt (steering and report) from the model of the round (round 0: the base).
-    `temperature` 0 is greedy; `forgetting` measures drift from the base with tune.forgetting's settings."""
+    `temperature` 0 is greedy; `forgetting` measures drift from the base with tune.forgetting's settings.
+    `grounded` / `closedbook`: hallucination sets (`stories`: the packaged ones, a JSONL path, or null to
+    skip), answered in up to `hallucination_max_new_tokens` (the first `hallucination_limit` records of each). From round 1, `latency_prompts` report prompts
+    are timed with the base and the round's model in batches of `latency_batch_size` (`latency_repeats`
+    times each, interleaved; the intervals are over batches)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -127,10 +135,20 @@ class EvaluateSection:
     batch_size: int = 32
     forgetting: bool = True
     n_boot: int = 2000
+    grounded: str | None = BUILTIN_DOMAIN
+    closedbook: str | None = BUILTIN_DOMAIN
+    hallucination_max_new_tokens: int = 64
+    hallucination_limit: int | None = None
+    latency_prompts: int = 32
+    latency_batch_size: int = 8
+    latency_repeats: int = 2
 
     def __post_init__(self):
         _need(self.max_new_tokens >= 1, "evaluate.max_new_tokens", "must be >= 1")
         _need(self.temperature >= 0, "evaluate.temperature", "must be >= 0")
+        for name in ("hallucination_max_new_tokens", "latency_repeats", "latency_batch_size"):
+            _need(getattr(self, name) >= 1, f"evaluate.{name}", "must be >= 1")
+        _need(self.latency_prompts >= 0, "evaluate.latency_prompts", "must be >= 0 (0: not timed)")
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,24 @@ class AllocationSection:
             _need(b in ("instruction", "task_type"), "allocation.by", f"{b!r} is not 'instruction' or 'task_type'")
 
 
+@dataclass(frozen=True)
+class CostSection:
+    """What generated data cost, for the report: endpoint tokens at `price_per_million_input/output`, the local
+    model's wall time at `device_hour` (a price per device-hour), next to `human_example` (the cost of one
+    human-written example), all in `currency`. Unset prices are not shown."""
+
+    currency: str = "USD"
+    price_per_million_input: float | None = None
+    price_per_million_output: float | None = None
+    device_hour: float | None = None
+    human_example: float | None = None
+
+    def __post_init__(self):
+        for name in ("price_per_million_input", "price_per_million_output", "device_hour", "human_example"):
+            v = getattr(self, name)
+            _need(v is None or v >= 0, f"cost.{name}", f"{v} must be >= 0")
+
+
 @dataclass
 class PipelineConfig:
     model: ModelSection
@@ -162,6 +198,7 @@ class PipelineConfig:
     tune: TuneSection = field(default_factory=TuneSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     allocation: AllocationSection = field(default_factory=AllocationSection)
+    cost: CostSection = field(default_factory=CostSection)
     rounds: int = 2
 
     def __post_init__(self):

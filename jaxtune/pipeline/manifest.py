@@ -20,7 +20,10 @@ from jaxtune.version import __version__
 
 MANIFEST = "manifest.json"
 # The training run inside a tune stage (checkpoints, metrics, its own config with temp paths) is a log too.
-LOG_NAMES = ("metrics.jsonl", "tensorboard", "checkpoints", "train-run", MARKER, MANIFEST)
+# Measured wall times (`timing.json`) and the HTML page that shows them vary run to run: they must exist for a
+# stage to count as done, but are not part of its identity.
+VIEWS = ("timing.json", "report.html")
+LOG_NAMES = ("metrics.jsonl", "tensorboard", "checkpoints", "train-run", MARKER, MANIFEST, *VIEWS)
 
 
 def file_sha256(path: Path) -> str:
@@ -94,6 +97,8 @@ def is_current(stage_dir: Path, key: str) -> bool:
     man = read_manifest(stage_dir)
     if man is None or man.get("key") != key:
         return False
+    if not all((Path(stage_dir) / name).is_file() for name in man.get("views", [])):
+        return False
     return tree_hashes(stage_dir, LOG_NAMES) == man.get("outputs")
 
 
@@ -101,6 +106,7 @@ def write_manifest(stage_dir: Path, **fields) -> dict:
     """Write `manifest.json` with the output hashes of everything now in `stage_dir` (logs aside)."""
     from jaxtune.files import write_text_atomic
 
-    man = {**fields, "code": code_identity(), "outputs": tree_hashes(stage_dir, LOG_NAMES)}
+    man = {**fields, "code": code_identity(), "outputs": tree_hashes(stage_dir, LOG_NAMES),
+           "views": [name for name in VIEWS if (Path(stage_dir) / name).is_file()]}
     write_text_atomic(Path(stage_dir) / MANIFEST, json.dumps(man, indent=1, sort_keys=True) + "\n")
     return man

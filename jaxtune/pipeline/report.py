@@ -40,6 +40,31 @@ def _asked(row: dict) -> bool:
     return bool(set(row.get("formatting") or ()) & asked_formatting(row["prompt"]))
 
 
+def data_cost(usage: list[dict], kept: int, cost: dict) -> dict:
+    """What a round's generated examples cost. `usage`: one entry per generation stage, `{stage, teacher
+    ("local" | "endpoint"), tokens_in, tokens_out, seconds}`; an endpoint costs its tokens at the recipe's
+    prices per million, the local model its wall time at `device_hour` (one device). Per kept example, next
+    to what `kept` human-written examples would cost. A figure whose price is unset is None."""
+    def priced(u):
+        if u["teacher"] == "endpoint":
+            p_in, p_out = cost.get("price_per_million_input"), cost.get("price_per_million_output")
+            if p_in is None or p_out is None:
+                return None
+            return u["tokens_in"] / 1e6 * p_in + u["tokens_out"] / 1e6 * p_out
+        hour = cost.get("device_hour")
+        return None if hour is None else u["seconds"] / 3600 * hour
+
+    stages = [{**u, "cost": priced(u)} for u in usage]
+    total = None if any(s["cost"] is None for s in stages) else sum(s["cost"] for s in stages)
+    human = None if cost.get("human_example") is None else kept * cost["human_example"]
+    return {"currency": cost.get("currency", "USD"), "stages": stages, "kept": kept, "total": total,
+            "per_kept_example": None if total is None or not kept else total / kept,
+            "human_equivalent": human,
+            "saving": None if total is None or not human else 1 - total / human,
+            "device_seconds": sum(s["seconds"] for s in stages if s["teacher"] == "local"),
+            "tokens": {"in": sum(s["tokens_in"] for s in stages), "out": sum(s["tokens_out"] for s in stages)}}
+
+
 def _round_dir(run_dir: Path, k: int) -> Path:
     return Path(run_dir) / f"round-{k}"
 
@@ -52,8 +77,39 @@ def _rows(run_dir: Path, k: int, split: str) -> list[dict]:
     return [r for _, r in read_jsonl(_round_dir(run_dir, k) / "evaluate" / f"{split}.jsonl")]
 
 
-def build(run_dir: str | Path, upto: int, *, n_boot: int = 2000) -> dict:
-    """The report of rounds 0..`upto` from their stage outputs."""
+def _hallucination(run_dir: Path, k: int, n_boot: int) -> dict:
+    """Each hallucination set's rates for round k, paired with the base's over the same records."""
+    from jaxtune.eval import closedbook, grounded
+    from jaxtune.eval.hallucination import compare
+
+    out = {}
+    for name, metrics in (("grounded", grounded.METRICS), ("closedbook", closedbook.METRICS)):
+        paths = [_round_dir(run_dir, j) / "evaluate" / f"{name}.jsonl" for j in (0, k)]
+        if all(p.is_file() for p in paths):
+            base, tuned = ([r for _, r in read_jsonl(p)] for p in paths)
+            out[name] = compare(base, tuned, metrics, n_boot=n_boot, seed=k)
+    return out
+
+
+def _usage(run_dir: Path, k: int, teacher_kind: str) -> tuple[list[dict], int]:
+    """Generation usage of round k's stages (tokens from their counts, wall time from their manifests) and the
+    examples the round kept for training."""
+    out = []
+    for stage, kind in (("generate", teacher_kind), ("distill", "local")):
+        counts = _read(_round_dir(run_dir, k) / stage / "counts.json") or {}
+        usage = counts.get("teacher_usage")
+        if usage:
+            man = _read(_round_dir(run_dir, k) / stage / "manifest.json") or {}
+            out.append({"stage": stage, "teacher": kind, "tokens_in": usage.get("tokens_in", 0),
+                        "tokens_out": usage.get("tokens_out", 0), "seconds": man.get("seconds", 0.0)})
+    kept = (_read(_round_dir(run_dir, k) / "distill" / "counts.json") or {}).get("out", 0)
+    return out, kept
+
+
+def build(run_dir: str | Path, upto: int, *, n_boot: int = 2000, cost: dict | None = None,
+          teacher_kind: str = "local") -> dict:
+    """The report of rounds 0..`upto` from their stage outputs. Wall-time figures (inference and data cost)
+    go in `doc["timing"]`, apart from the deterministic rest."""
     run_dir = Path(run_dir)
     rounds = []
     base_rows = _rows(run_dir, 0, "report")
@@ -66,16 +122,25 @@ def build(run_dir: str | Path, upto: int, *, n_boot: int = 2000) -> dict:
         diffs = {name: stats.paired_difference([f(r) for r in base_rows], [f(r) for r in rows], n_boot=n_boot,
                                                seed=k).to_dict() for name, f in PAIRED.items()}
         entry = {"round": k, "model": "base" if k == 0 else f"round-{k}/tune/merged", "report": scores["report"],
-                 "steering": scores["steering"], "forgetting": scores.get("forgetting"), "vs_base": diffs}
+                 "steering": scores["steering"], "forgetting": scores.get("forgetting"), "vs_base": diffs,
+                 "hallucination": _hallucination(run_dir, k, n_boot)}
         if k:
             entry["stages"] = {s: _read(_round_dir(run_dir, k) / s / "counts.json")
                                for s in ("generate", "filter", "distill", "tune")}
             entry["allocation"] = _read(_round_dir(run_dir, k) / "generate" / "allocation.json")
         rounds.append(entry)
+    timing = {"inference": {}, "data": {}}
+    for k in range(1, upto + 1):
+        latency = _read(_round_dir(run_dir, k) / "evaluate" / "timing.json")
+        if latency:
+            timing["inference"][k] = latency
+        usage, kept = _usage(run_dir, k, teacher_kind)
+        timing["data"][k] = data_cost(usage, kept, cost or {})
     samples = [{"key": b["key"], "prompt": b["prompt"], "base": b["response"], "latest": r["response"],
                 "base_followed": b["followed"], "latest_followed": r["followed"]}
                for b, r in list(zip(base_rows, _rows(run_dir, upto, "report")))[:6]]
-    return {"schema": SCHEMA, "rounds": rounds, "n_report_prompts": len(base_rows), "samples": samples}
+    return {"schema": SCHEMA, "rounds": rounds, "n_report_prompts": len(base_rows), "samples": samples,
+            "timing": timing}
 
 
 # ------------------------------------------------------------------------------------------------ figures
@@ -168,6 +233,75 @@ def _note(v) -> str:
     return html.escape(str(v))
 
 
+def _money(v, currency: str) -> str:
+    return "n/a (no price in the recipe's cost: section)" if v is None else f"{v:.4g} {html.escape(currency)}"
+
+
+def _data_cost_html(data: dict) -> str:
+    if not data:
+        return ""
+    rows = []
+    for k, d in data.items():
+        c = d["currency"]
+        rows.append([f"round {k}", str(d["kept"]), f"{d['tokens']['in']:,} / {d['tokens']['out']:,}",
+                     f"{d['device_seconds']:.1f}", _money(d["total"], c), _money(d["per_kept_example"], c),
+                     _money(d["human_equivalent"], c),
+                     "n/a" if d["saving"] is None else f"{100 * d['saving']:.0f}%"])
+    return ("<h2>Data cost (measured wall time; varies run to run)</h2>"
+            "<p>Tokens and wall time of every generation stage (generate, and distill when it rewrites), priced as "
+            "the recipe's <code>cost:</code> section says: endpoint tokens per million, the local model per "
+            "device-hour; next to what the kept examples would cost written by people.</p>" +
+            table(["round", "examples kept", "tokens in / out", "device-seconds (local)", "cost",
+                   "per kept example", "human-written equivalent", "saving"], rows))
+
+
+def _mean(e: dict | None, digits: int = 1) -> str:
+    return "n/a" if not e else html.escape(stats.fmt_mean(stats.Estimate(**e), digits))
+
+
+def _inference_html(inference: dict) -> str:
+    if not inference:
+        return ""
+    parts = ["<h2>Inference cost (measured wall time; varies run to run)</h2>",
+             ("<p>The base and the round's model answer the same report prompts in the same batches, interleaved "
+             "after a warm-up compile, greedily. Means over batches (times) or prompts (length) with bootstrap "
+             "intervals; tuned − base paired; the ratio is of the means.</p>")]
+    rows = []
+    for k, t in inference.items():
+        base, tuned = t["models"]["base"], t["models"]["tuned"]
+        comp = t["comparison"]["tuned"]
+        for key, label, digits in (("length", "response length (tokens)", 1), ("ttft_ms", "time to first token (ms)", 2),
+                                   ("per_token_ms", "decode time per token (ms)", 3),
+                                   ("total_ms", "generation time per batch (ms)", 1)):
+            ratio = comp["ratio"].get(key)
+            rows.append([f"round {k}", label, _mean(base[key], digits), _mean(tuned[key], digits),
+                         _mean(comp[key], digits), "n/a" if ratio is None else f"{ratio:.2f}×"])
+        s = t["setup"]
+        rows.append([f"round {k}", (f"setup: {s['prompts']} prompts in {s['batches']} batches of {s['batch_size']}, "
+                     f"{s['repeats']} repeats, up to {s['max_new_tokens']} new tokens, {html.escape(str(s['device']))}"),
+                     "", "", "", ""])
+    parts.append(table(["round", "measure", "base", "tuned", "tuned − base", "tuned / base"], rows))
+    return "\n".join(parts)
+
+
+def _hallucination_html(rounds: list[dict], names: list[str]) -> str:
+    from jaxtune.eval import closedbook, grounded
+
+    parts = []
+    for name, title, metrics in (("grounded", "grounded (questions about a given story)", grounded.METRICS),
+                                 ("closedbook", "closed-book (some questions have no answer)", closedbook.METRICS)):
+        if not any(name in r["hallucination"] for r in rounds):
+            continue
+        parts.append(f"<h3>Hallucination, {title}</h3>")
+        rows = []
+        for m in metrics:
+            cells = [_rate(r["hallucination"].get(name, {}).get(m.name, {}).get("tuned")) for r in rounds]
+            diffs = [_points(r["hallucination"].get(name, {}).get(m.name, {}).get("difference")) for r in rounds[1:]]
+            rows.append([html.escape(f"{m.name} (of {m.of})"), *cells, *diffs])
+        parts.append(table(["metric", *names, *[f"{n} − base" for n in names[1:]]], rows))
+    return ("<h2>Hallucination</h2>" + "\n".join(parts)) if parts else ""
+
+
 def render_html(doc: dict, figs: dict[str, bytes] | None = None) -> str:
     figs = figures(doc) if figs is None else figs
     e = html.escape
@@ -207,6 +341,19 @@ def render_html(doc: dict, figs: dict[str, bytes] | None = None) -> str:
         parts.append("<h3>Per task type (all of a prompt's constraints)</h3>")
         parts.append(table(["task type"] + names, [[e(t)] + [_rate(r["report"]["by_task_type"].get(t)) for r in rounds]
                                                    for t in types]))
+    parts.append(_hallucination_html(rounds, names))
+    gen = [r["report"].get("generalization") for r in rounds]
+    if any(gen):
+        unseen = ", ".join(next(g for g in gen if g)["unseen_task_types"])
+        parts.append(f"<h2>Generalization: task types never trained on ({e(unseen)})</h2>")
+        parts.append("<p>Constraint satisfaction (all of a prompt's, strict) on report prompts of the held-out "
+                     "task types vs the seen ones; the gap is seen minus unseen (unpaired bootstrap).</p>")
+        parts.append(table(["", *names], [
+            ["seen task types"] + [_rate(g and g["seen"]) for g in gen],
+            ["unseen task types"] + [_rate(g and g["unseen"]) for g in gen],
+            ["gap (seen − unseen)"] + [_points(g and g["gap"]) for g in gen]]))
+    parts.append(_inference_html(doc.get("timing", {}).get("inference", {})))
+    parts.append(_data_cost_html(doc.get("timing", {}).get("data", {})))
     parts.append("<h2>Steering split (what the loop optimised for; not a held-out result)</h2>")
     parts.append(table(["metric"] + names, [[e(label)] + [_rate(r["steering"][key]) for r in rounds]
                                             for key, label, _ in HEADLINE]))
@@ -242,4 +389,11 @@ def render_html(doc: dict, figs: dict[str, bytes] | None = None) -> str:
 
 
 def write(doc: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    return write_report(doc, out_dir, render_html)
+    """`report.json` (deterministic: no wall times), `timing.json` and `report.html` (which shows both)."""
+    from jaxtune.files import write_text_atomic
+
+    out = Path(out_dir)
+    timing = {k: v for k, v in doc.items() if k == "timing"}
+    paths = write_report({k: v for k, v in doc.items() if k != "timing"}, out, lambda _: render_html(doc))
+    write_text_atomic(out / "timing.json", json.dumps(timing, indent=1) + "\n")
+    return paths

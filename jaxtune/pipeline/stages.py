@@ -274,16 +274,18 @@ def run_generate(ctx: Context, k: int, out: Path, progress=None) -> dict:
     if "instruction" in cfg.allocation.by:
         alloc["instruction"] = allocation.allocate(rows, list(catalogue), g.tasks, cfg.allocation.weight, "instruction")
     if g.method == "compose":
-        premises = stories.load_premises(ctx.seeds_path, split="train")
+        unseen = set(cfg.domain.unseen_task_types)
+        premises = [p for p in stories.load_premises(ctx.seeds_path, split="train") if p.task_type not in unseen]
         if "task_type" in cfg.allocation.by:
             types = sorted({p.task_type for p in premises})
             alloc["task_type"] = allocation.allocate(rows, types, g.tasks, cfg.allocation.weight, "task_type")
         tasks = stories.compose_tasks(premises, g.tasks, seed=g.seed * 1000 + k, max_constraints=g.max_constraints,
                                       kind_counts=alloc.get("instruction", {}).get("counts"),
                                       type_counts=alloc.get("task_type", {}).get("counts"), key_prefix=f"r{k}")
-        made = {"composed": len(tasks)}
+        made, made_usage = {"composed": len(tasks)}, Counter()
     else:
-        tasks, made = self_instruct_tasks(ctx, k, alloc.get("instruction", {}).get("counts"))
+        made_usage: Counter = Counter()
+        tasks, made = self_instruct_tasks(ctx, k, alloc.get("instruction", {}).get("counts"), made_usage)
     write_json(out / "allocation.json", alloc)
     kept, rejected, usage = answer(ctx, tasks, samples=g.samples, max_new_tokens=g.max_new_tokens,
                                    seed=g.seed * 1000 + k, require_stop=g.require_stop, progress=progress)
@@ -291,15 +293,16 @@ def run_generate(ctx: Context, k: int, out: Path, progress=None) -> dict:
     write_jsonl(out / "rejects.jsonl", rejected)
     by_kind = {iid: {"tasks": sum(iid in t["instruction_id_list"] for t in tasks),
                      "kept": sum(iid in t["instruction_id_list"] for t in kept)} for iid in catalogue}
-    # Token counts only: wall time varies run to run, so it lives in the manifest, not in an output.
-    usage = {k: v for k, v in usage.items() if k != "seconds"}
+    # Token counts only (instructions and answers): wall time varies run to run, so it lives in the manifest.
+    usage = dict(Counter({k: v for k, v in usage.items() if k != "seconds"}) + made_usage)
     return save_counts(out, counts(len(tasks), len(kept), _reason_counts(rejected), made=made,
                                    by_instruction=by_kind, teacher_usage=usage, examples=_examples(rejected)))
 
 
-def self_instruct_tasks(ctx: Context, k: int, kind_counts: dict | None) -> tuple[list[dict], dict]:
+def self_instruct_tasks(ctx: Context, k: int, kind_counts: dict | None,
+                        usage: Counter) -> tuple[list[dict], dict]:
     """New instructions grown from the seed tasks by the teacher (Self-Instruct), constraints attached as
-    allocated."""
+    allocated; the teacher's tokens are added to `usage`."""
     import random
 
     from jaxtune.curate.self_instruct import chat_list, generate_instructions, load_seed_tasks
@@ -309,6 +312,7 @@ def self_instruct_tasks(ctx: Context, k: int, kind_counts: dict | None) -> tuple
 
     def generate_fn(prompts, max_new_tokens, seed):  # a chat teacher answers the open list in its own words
         done = ctx.teacher.complete(list(prompts), max_new_tokens=max_new_tokens, seed=seed)
+        usage.update(tokens_in=sum(c.tokens_in for c in done), tokens_out=sum(c.tokens_out for c in done))
         chat = ctx.cfg.teacher.kind == "endpoint" or getattr(ctx.teacher, "template", None) is not None
         return [("" if not c.ok else chat_list(c.text, c.finish == "stop") if chat else c.text) for c in done]
 
@@ -331,7 +335,9 @@ def run_filter(ctx: Context, k: int, out: Path, progress=None) -> dict:
 
     tasks = [r for _, r in read_jsonl(round_dir(ctx.run_dir, k) / "generate" / "tasks.jsonl")]
     by_key = {t["key"]: t for t in tasks}
-    convs = [_conversation(t, t["response"], t["key"]) for t in tasks]
+    unseen = set(ctx.cfg.domain.unseen_task_types)
+    held_out = [t for t in tasks if t.get("task_type") in unseen]  # never train on a held-out task type
+    convs = [_conversation(t, t["response"], t["key"]) for t in tasks if t.get("task_type") not in unseen]
     f = ctx.cfg.filter
     scoring = f.max_ifd is not None or f.max_ppl is not None
     references = {name: [t["prompt"] for t in part] for name, part in ctx.eval_tasks.items()}
@@ -344,6 +350,8 @@ def run_filter(ctx: Context, k: int, out: Path, progress=None) -> dict:
     if progress:
         progress(len(tasks), len(tasks))
     dropped = {name: n for name, n in report.rejected.items() if n}
+    if held_out:
+        dropped["held-out task type"] = len(held_out)
     return save_counts(out, counts(len(tasks), len(kept), dropped, notes=report.notes))
 
 
@@ -365,10 +373,16 @@ def run_distill(ctx: Context, k: int, out: Path, progress=None) -> dict:
     from jaxtune.curate.sdft import distill
 
     base = ctx.model_teacher(ctx.base_model, temperature=ctx.cfg.teacher.temperature)
-    from jaxtune.curate.teachers import as_generate_fn
+    usage = Counter()
+
+    def generate_fn(prompts, max_new_tokens, seed):  # SDFT's generator, counting tokens for the data cost
+        done = base.complete(list(prompts), max_new_tokens=max_new_tokens, seed=seed,
+                             progress=lambda n: progress(n, len(prompts)) if progress else None)
+        usage.update(tokens_in=sum(c.tokens_in for c in done), tokens_out=sum(c.tokens_out for c in done))
+        return [c.text if c.ok and c.text is not None else "" for c in done]
 
     convs = [_conversation(t, t["response"], t["key"]) for t in tasks]
-    rewritten, report = distill(as_generate_fn(base), convs, d.sdft)
+    rewritten, report = distill(generate_fn, convs, d.sdft)
     final, fallback = [], Counter()
     for t, conv in zip(tasks, rewritten):
         new = conv.messages[-1]["content"]
@@ -385,7 +399,7 @@ def run_distill(ctx: Context, k: int, out: Path, progress=None) -> dict:
         progress(len(tasks), len(tasks))
     rewrites = sum(a["response"] != b["response"] for a, b in zip(final, tasks))
     return save_counts(out, counts(len(tasks), len(final), rewrites_kept=rewrites,
-                                                  fell_back=dict(sorted(fallback.items()))))
+                                   fell_back=dict(sorted(fallback.items())), teacher_usage=dict(usage)))
 
 
 # ------------------------------------------------------------------------------------------------ tune
@@ -462,6 +476,19 @@ def unasked_format(rows: list[dict], catalogue: dict) -> dict:
     return out
 
 
+def generalization(rows: list[dict], unseen: tuple[str, ...], n_boot: int) -> dict | None:
+    """Constraint satisfaction on task types held out of training vs the seen ones, and the gap (seen minus
+    unseen, an unpaired bootstrap: different prompts)."""
+    if not unseen:
+        return None
+    flags = {side: [float(all(r["followed"])) for r in rows if (r["task_type"] in unseen) == (side == "unseen")]
+             for side in ("seen", "unseen")}
+    return {"unseen_task_types": list(unseen),
+            "seen": stats.rate(int(sum(flags["seen"])), len(flags["seen"])).to_dict(),
+            "unseen": stats.rate(int(sum(flags["unseen"])), len(flags["unseen"])).to_dict(),
+            "gap": stats.difference(flags["seen"], flags["unseen"], n_boot=n_boot).to_dict()}
+
+
 def summarize(rows: list[dict], catalogue: dict, n_boot: int) -> dict:
     """Rates with n and Wilson intervals: constraint satisfaction per prompt (all followed, strict) and per
     instruction, format adherence and ignored-constraint rate (IFEval's definitions, loose), per constraint
@@ -519,6 +546,27 @@ def forgetting(ctx: Context, k: int, model, out: Path) -> dict | None:
     return result
 
 
+def hallucination(ctx: Context, sampler: LocalTeacher, out: Path) -> dict:
+    """Grounded and closed-book hallucination of the round's model: per-record rows in `<task>.jsonl`, rates in
+    the summary."""
+    from jaxtune.eval import closedbook, grounded
+
+    e, summary = ctx.cfg.evaluate, {}
+    for name, spec, load, prompt, score in (
+            ("grounded", e.grounded, grounded.load_grounded, grounded.grounded_prompt, grounded.score_grounded),
+            ("closedbook", e.closedbook, closedbook.load_closedbook, closedbook.closedbook_prompt,
+             closedbook.score_closedbook)):
+        if spec is None:
+            continue
+        records = load(None if spec == BUILTIN_DOMAIN else spec)[:e.hallucination_limit]
+        done = sampler.complete([prompt(r) for r in records], max_new_tokens=e.hallucination_max_new_tokens,
+                                seed=e.seed)
+        doc = score(records, [c.text or "" for c in done])
+        write_jsonl(out / f"{name}.jsonl", doc.pop("rows"))
+        summary[name] = doc
+    return summary
+
+
 def run_evaluate(ctx: Context, k: int, out: Path, progress=None) -> dict:
     e = ctx.cfg.evaluate
     model = round_model(ctx, k)
@@ -531,18 +579,31 @@ def run_evaluate(ctx: Context, k: int, out: Path, progress=None) -> dict:
         rows = score_rows(tasks, done)
         write_jsonl(out / f"{split}.jsonl", rows)
         summary[split] = summarize(rows, catalogue, e.n_boot)
+        summary[split]["generalization"] = generalization(rows, ctx.cfg.domain.unseen_task_types, e.n_boot)
         if progress:
             progress(EVAL_SPLITS.index(split) + 1, len(EVAL_SPLITS))
     summary["forgetting"] = forgetting(ctx, k, model, out)
+    summary.update(hallucination(ctx, sampler, out))
     write_json(out / "scores.json", summary)
+    if k and e.latency_prompts:
+        from jaxtune.eval.latency import measure_latency
+
+        prompts = [t["prompt"] for t in ctx.eval_tasks["report"]][:e.latency_prompts]
+        timing = measure_latency({"base": ctx.base_model, "tuned": model}, ctx.tokenizer, prompts,
+                                 template=ctx.template, max_new_tokens=e.max_new_tokens,
+                                 batch_size=min(e.latency_batch_size, len(prompts)), stop_ids=sampler.params.stop_ids,
+                                 repeats=e.latency_repeats, n_boot=e.n_boot)
+        write_json(out / "timing.json", timing)  # a view: wall times are not part of the stage's identity
     n = sum(summary[s]["n_prompts"] for s in EVAL_SPLITS)
     return save_counts(out, counts(n, n))
 
 
 def run_report(ctx: Context, k: int, out: Path, progress=None) -> dict:
     from jaxtune.pipeline.report import build, write
+    from jaxtune.structs import to_dict
 
-    doc = build(ctx.run_dir, k, n_boot=ctx.cfg.evaluate.n_boot)
+    doc = build(ctx.run_dir, k, n_boot=ctx.cfg.evaluate.n_boot, cost=to_dict(ctx.cfg.cost),
+                teacher_kind=ctx.cfg.teacher.kind)
     write(doc, out)
     if progress:
         progress(1, 1)
@@ -566,7 +627,9 @@ def stage_inputs(ctx: Context, stage: str, k: int) -> list[Path]:
         return tune_inputs(ctx, k)
     if stage == "evaluate":
         base = [] if k == 0 else [r / "tune" / "merged", round_dir(ctx.run_dir, 0) / "evaluate" / "forgetting"]
-        return [ctx.eval_path, *base]
+        sets = [Path(p) for p in (ctx.cfg.evaluate.grounded, ctx.cfg.evaluate.closedbook)
+                if p not in (None, BUILTIN_DOMAIN)]
+        return [ctx.eval_path, *sets, *base]
     if stage == "report":
         return [round_dir(ctx.run_dir, j) / "evaluate" / "scores.json" for j in range(k + 1)] + \
             [round_dir(ctx.run_dir, j) / "evaluate" / f"{s}.jsonl" for j in range(k + 1) for s in EVAL_SPLITS] + \
@@ -583,5 +646,5 @@ def stage_config(cfg: PipelineConfig, stage: str) -> dict:
     common = {"model": d["model"], "domain": d["domain"]}
     sections = {"generate": ("teacher", "generate", "allocation"), "filter": ("filter",),
                 "distill": ("distill", "teacher"), "tune": ("tune",), "evaluate": ("evaluate", "teacher", "tune"),
-                "report": ("evaluate",)}[stage]
+                "report": ("evaluate", "cost")}[stage]
     return {**common, **{s: d[s] for s in sections}}
