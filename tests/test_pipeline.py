@@ -14,8 +14,8 @@ import pytest
 from jaxtune.faults import EXIT_CODE
 from jaxtune.pipeline import manifest
 from jaxtune.pipeline.config import load_pipeline
+from jaxtune.pipeline.context import Context, round_dir
 from jaxtune.pipeline.run import parse_from, plan, run_pipeline, run_stage
-from jaxtune.pipeline.stages import Context, round_dir
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "configs" / "pipeline-tiny.yaml"

@@ -69,7 +69,7 @@ def test_the_8b_recipe_loads_without_its_model(monkeypatch):
 
 def test_the_8b_recipe_points_at_valid_seeds_and_eval_prompts(monkeypatch, assets_dir):
     from jaxtune.curate.self_instruct import load_seed_tasks
-    from jaxtune.pipeline.stages import load_tasks, split_eval
+    from jaxtune.pipeline.context import load_tasks, split_eval
 
     monkeypatch.chdir(REPO)
     cfg = load_pipeline(BIG)

@@ -3,8 +3,8 @@
 import pytest
 
 from jaxtune import stats
+from jaxtune.pipeline.evaluate import generalization
 from jaxtune.pipeline.report import data_cost
-from jaxtune.pipeline.stages import generalization
 
 PRICES = {"currency": "USD", "price_per_million_input": 2.0, "price_per_million_output": 8.0, "device_hour": 3.6,
           "human_example": 1.5}

@@ -18,8 +18,8 @@ from test_curate_teachers import FakeServer, error
 from jaxtune.curate.constraints import GENERIC, failed_constraints
 from jaxtune.pipeline import manifest
 from jaxtune.pipeline.config import load_pipeline
+from jaxtune.pipeline.context import Context, round_dir
 from jaxtune.pipeline.run import open_run_dir, run_stage
-from jaxtune.pipeline.stages import Context, round_dir
 
 KEY_ENV, KEY = "JAXTUNE_TEST_TEACHER_KEY", "sk-test-pipeline-1234"
 LOWER, BULLETS = "change_case:english_lowercase", "detectable_format:number_bullet_lists"

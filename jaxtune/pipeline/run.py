@@ -15,7 +15,8 @@ from jaxtune.faults import fault_point
 from jaxtune.files import atomic_dir, write_text_atomic
 from jaxtune.pipeline import STAGES, manifest
 from jaxtune.pipeline.config import PipelineConfig
-from jaxtune.pipeline.stages import RUNNERS, Context, round_dir, stage_config, stage_inputs
+from jaxtune.pipeline.context import Context, round_dir
+from jaxtune.pipeline.stages import RUNNERS, stage_config, stage_inputs
 from jaxtune.structs import to_dict
 from jaxtune.version import __version__
 
