@@ -119,22 +119,35 @@ def difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, se
 
 # --------------------------------------------------------------------------------------------- formatting
 
-def fmt_rate(e: Estimate) -> str:
-    """'41.2% [35.0, 47.6] n=120'."""
+def _estimate(e: Estimate | dict | None) -> Estimate | None:
+    return Estimate(**e) if isinstance(e, dict) and e else (e or None)
+
+
+def fmt_rate(e: Estimate | dict | None) -> str:
+    """'41.2% [35.0, 47.6] n=120' (an Estimate or its dict; "n/a" for None)."""
+    e = _estimate(e)
+    if e is None:
+        return "n/a"
     if e.value is None:
         return f"n/a (n={e.n})"
     return f"{100 * e.value:.1f}% [{100 * e.lo:.1f}, {100 * e.hi:.1f}] n={e.n}"
 
 
-def fmt_points(e: Estimate) -> str:
+def fmt_points(e: Estimate | dict | None) -> str:
     """A difference of fractions in absolute percentage points: '+12.5 pts [+3.1, +21.0] n=120'."""
+    e = _estimate(e)
+    if e is None:
+        return "n/a"
     if e.value is None:
         return f"n/a (n={e.n})"
     return f"{100 * e.value:+.1f} pts [{100 * e.lo:+.1f}, {100 * e.hi:+.1f}] n={e.n}"
 
 
-def fmt_mean(e: Estimate, digits: int = 3) -> str:
+def fmt_mean(e: Estimate | dict | None, digits: int = 3) -> str:
     """'3.142 [3.010, 3.270] n=50'."""
+    e = _estimate(e)
+    if e is None:
+        return "n/a"
     if e.value is None:
         return f"n/a (n={e.n})"
     return f"{e.value:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}] n={e.n}"

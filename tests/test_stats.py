@@ -139,6 +139,10 @@ def test_formatting_strings():
     assert stats.fmt_mean(stats.Estimate(3.14159, 3.0, 3.3, 50)) == "3.142 [3.000, 3.300] n=50"
     assert stats.fmt_mean(stats.Estimate(3.14159, 3.0, 3.3, 50), digits=1) == "3.1 [3.0, 3.3] n=50"
     assert stats.fmt_mean(stats.mean([])) == "n/a (n=0)"
+    # Estimate dicts (what report.json holds) and None format the same way.
+    assert stats.fmt_rate(stats.rate(5, 10).to_dict()) == "50.0% [23.7, 76.3] n=10"
+    assert stats.fmt_points(None) == stats.fmt_rate(None) == stats.fmt_mean(None) == "n/a"
+    assert stats.fmt_mean(stats.mean([1.0, 3.0], n_boot=50).to_dict(), 1).startswith("2.0 [")
 
 
 def test_independent_difference():

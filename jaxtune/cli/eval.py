@@ -151,6 +151,7 @@ def _forgetting(args: argparse.Namespace) -> int:
 
 # -- eval report ----------------------------------------------------------------------------------------------
 def _report(args: argparse.Namespace) -> int:
+    from jaxtune import stats
     from jaxtune.assets import find_asset
     from jaxtune.data.chat import resolve_template
     from jaxtune.eval import ifeval, report, rigidity
@@ -192,8 +193,8 @@ def _report(args: argparse.Namespace) -> int:
     lines = list(doc["ifeval"]["metrics"].items())
     lines += [("unwarranted_refusal", over["refusal"]), ("unrequested_formatting", over["formatting"]["any"])]
     for name, v in lines:
-        print(f"{name:<24} base {report.rate_text(v['base']):<28} tuned {report.rate_text(v['tuned']):<28} "
-              f"Δ {report.points_text(v['difference'])}")
+        print(f"{name:<24} base {stats.fmt_rate(v['base']):<28} tuned {stats.fmt_rate(v['tuned']):<28} "
+              f"Δ {stats.fmt_points(v['difference'])}")
     print(f"wrote {json_path}\nwrote {html_path}")
     return 0
 

@@ -1,4 +1,4 @@
-"""jaxtune: supervised instruction tuning of Hugging Face causal LMs (curate, train, evaluate, export).
+"""jaxtune: supervised instruction tuning of Hugging Face causal LMs (curate, train, evaluate, export, pipeline).
 
 Wiring only: each command module registers its subcommands and imports the library (and jax) lazily,
 inside the command, so the CPU process defaults are applied before jax loads.

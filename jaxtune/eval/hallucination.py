@@ -157,19 +157,15 @@ def compare(base: Sequence[dict], tuned: Sequence[dict], metrics: Sequence[Metri
     return out
 
 
-def _rate_text(e: dict) -> str:
-    return stats.fmt_rate(stats.Estimate(**e))
-
-
 def format_table(doc: dict, metrics: Sequence[Metric]) -> str:
     """The rates of each side, and with two sides their paired difference in points, one metric a line."""
     sides = list(doc["sides"])
     lines = [f"{'metric':<24}" + "".join(f"{side:<30}" for side in sides)
              + ("Δ tuned − base" if "comparison" in doc else "")]
     for m in metrics:
-        cells = "".join(f"{_rate_text(doc['sides'][s]['rates'][m.name]):<30}" for s in sides)
+        cells = "".join(f"{stats.fmt_rate(doc['sides'][s]['rates'][m.name]):<30}" for s in sides)
         delta = doc.get("comparison", {}).get(m.name, {}).get("difference")
-        lines.append(f"{m.name:<24}{cells}" + (stats.fmt_points(stats.Estimate(**delta)) if delta else ""))
+        lines.append(f"{m.name:<24}{cells}" + (stats.fmt_points(delta) if delta else ""))
     lines.append("(" + "; ".join(f"{m.name}: of {m.of}" for m in metrics) + ")")
     return "\n".join(lines)
 

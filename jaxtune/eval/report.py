@@ -394,19 +394,9 @@ def _est(text: str) -> str:
     return f"<span class='est'>{html.escape(text)}</span>"
 
 
-def rate_text(e: dict | None) -> str:
-    """An Estimate dict as '41.2% [35.0, 47.6] n=120'."""
-    return "n/a" if e is None else stats.fmt_rate(stats.Estimate(**e))
-
-
-def points_text(e: dict | None) -> str:
-    """A difference Estimate dict as '+12.5 pts [+3.1, +21.0] n=120'."""
-    return "n/a" if e is None else stats.fmt_points(stats.Estimate(**e))
-
-
 def _delta(e: dict | None, higher_is_better: bool | None = True) -> str:
     """A difference in points, coloured good or bad only when its interval excludes zero over enough prompts."""
-    text = _est(points_text(e))
+    text = _est(stats.fmt_points(e))
     if (e is None or e["value"] is None or higher_is_better is None or e["n"] < MIN_N_TO_CALL
             or e["lo"] <= 0 <= e["hi"]):
         return text
@@ -422,7 +412,7 @@ def _signed(v, lower_is_better: bool = False) -> str:
 
 
 def _comparison_rows(entries: dict, higher_is_better: Callable[[str], bool | None], label=html.escape) -> list:
-    return [[label(name), _est(rate_text(v["base"])), _est(rate_text(v["tuned"])),
+    return [[label(name), _est(stats.fmt_rate(v["base"])), _est(stats.fmt_rate(v["tuned"])),
              _delta(v["difference"], higher_is_better(name))] for name, v in entries.items()]
 
 
@@ -454,7 +444,7 @@ def _breakdown_html(entries: dict, first: str) -> str:
         for kind in ("loose", "strict"):
             # An instruction id may break after its group ("detectable_format:<wbr>title") to keep the table narrow.
             label = html.escape(name).replace(":", ":<wbr>") if kind == "loose" else ""
-            rows.append([label, kind, _est(rate_text(v[kind]["base"])), _est(rate_text(v[kind]["tuned"])),
+            rows.append([label, kind, _est(stats.fmt_rate(v[kind]["base"])), _est(stats.fmt_rate(v[kind]["tuned"])),
                          _delta(v[kind]["difference"])])
     return table([first, "check"] + COMPARISON_HEADER[1:], rows)
 

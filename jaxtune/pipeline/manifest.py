@@ -27,6 +27,14 @@ LOG_NAMES = ("metrics.jsonl", "tensorboard", "checkpoints", "train-run", MARKER,
 
 
 def file_sha256(path: Path) -> str:
+    """A file's content hash, computed once per process per (file, size, modification time): a run checks a
+    stage's outputs and then hashes the same files as the next stage's inputs (an 8B merged model is 16 GB)."""
+    st = Path(path).stat()
+    return _sha256(str(Path(path).resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=65536)
+def _sha256(path: str, inode: int, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -198,11 +198,11 @@ def figures(doc: dict) -> dict[str, bytes]:
 
 
 def _rate(e: dict | None) -> str:
-    return "n/a" if not e else html.escape(stats.fmt_rate(stats.Estimate(**e)))
+    return html.escape(stats.fmt_rate(e))
 
 
 def _points(e: dict | None) -> str:
-    return "n/a" if not e else html.escape(stats.fmt_points(stats.Estimate(**e)))
+    return html.escape(stats.fmt_points(e))
 
 
 def _forgetting_cells(f: dict | None) -> list[str]:
@@ -256,7 +256,7 @@ def _data_cost_html(data: dict) -> str:
 
 
 def _mean(e: dict | None, digits: int = 1) -> str:
-    return "n/a" if not e else html.escape(stats.fmt_mean(stats.Estimate(**e), digits))
+    return html.escape(stats.fmt_mean(e, digits))
 
 
 def _inference_html(inference: dict) -> str:
@@ -320,8 +320,7 @@ def render_html(doc: dict, figs: dict[str, bytes] | None = None) -> str:
     for iid in sorted({i for r in rounds for i in r["report"]["unasked_format"]}):
         rows.append([e(f"trained format when not asked: {iid}")] +
                     [_rate(r["report"]["unasked_format"].get(iid)) for r in rounds])
-    rows.append(["response length (tokens)"] + [e(stats.fmt_mean(stats.Estimate(**r["report"]["response_tokens"]), 1))
-                                                for r in rounds])
+    rows.append(["response length (tokens)"] + [_mean(r["report"]["response_tokens"]) for r in rounds])
     parts.append(table(["metric"] + names, rows))
     parts.append(img_tag(figs, "rounds"))
     parts.append("<h2>Change from the base (report split)</h2>")
