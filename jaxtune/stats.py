@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,35 +119,24 @@ def difference(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, se
 
 # --------------------------------------------------------------------------------------------- formatting
 
-def _estimate(e: Estimate | dict | None) -> Estimate | None:
-    return Estimate(**e) if isinstance(e, dict) and e else (e or None)
+def _text(e: Estimate | dict | None, show: Callable[[Estimate], str]) -> str:
+    """`show(e)` for an Estimate or its dict; "n/a" for None, "n/a (n=N)" when there is no value."""
+    e = Estimate(**e) if isinstance(e, dict) and e else (e or None)
+    if e is None:
+        return "n/a"
+    return f"n/a (n={e.n})" if e.value is None else show(e)
 
 
 def fmt_rate(e: Estimate | dict | None) -> str:
-    """'41.2% [35.0, 47.6] n=120' (an Estimate or its dict; "n/a" for None)."""
-    e = _estimate(e)
-    if e is None:
-        return "n/a"
-    if e.value is None:
-        return f"n/a (n={e.n})"
-    return f"{100 * e.value:.1f}% [{100 * e.lo:.1f}, {100 * e.hi:.1f}] n={e.n}"
+    """'41.2% [35.0, 47.6] n=120'."""
+    return _text(e, lambda e: f"{100 * e.value:.1f}% [{100 * e.lo:.1f}, {100 * e.hi:.1f}] n={e.n}")
 
 
 def fmt_points(e: Estimate | dict | None) -> str:
     """A difference of fractions in absolute percentage points: '+12.5 pts [+3.1, +21.0] n=120'."""
-    e = _estimate(e)
-    if e is None:
-        return "n/a"
-    if e.value is None:
-        return f"n/a (n={e.n})"
-    return f"{100 * e.value:+.1f} pts [{100 * e.lo:+.1f}, {100 * e.hi:+.1f}] n={e.n}"
+    return _text(e, lambda e: f"{100 * e.value:+.1f} pts [{100 * e.lo:+.1f}, {100 * e.hi:+.1f}] n={e.n}")
 
 
 def fmt_mean(e: Estimate | dict | None, digits: int = 3) -> str:
     """'3.142 [3.010, 3.270] n=50'."""
-    e = _estimate(e)
-    if e is None:
-        return "n/a"
-    if e.value is None:
-        return f"n/a (n={e.n})"
-    return f"{e.value:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}] n={e.n}"
+    return _text(e, lambda e: f"{e.value:.{digits}f} [{e.lo:.{digits}f}, {e.hi:.{digits}f}] n={e.n}")

@@ -31,7 +31,9 @@ def write_json(path: Path, obj) -> Path:
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    """A JSON file's content, None when the file is absent (a stage that did not write it)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def save_counts(out: Path, c: dict) -> dict:

@@ -64,17 +64,18 @@ def answer(ctx: Context, tasks: list[dict], *, samples: int, max_new_tokens: int
     return [kept[i] for i in sorted(kept)], rejected, dict(usage)
 
 
-def _reason_counts(rejected: list[dict]) -> Counter:
-    return Counter("endpoint error" if r["reason"].startswith("error") else r["reason"] for r in rejected)
+def _reason(rejected: dict) -> str:
+    """The reason a drop is counted under: endpoint errors together, their messages kept in the examples."""
+    return "endpoint error" if rejected["reason"].startswith("error") else rejected["reason"]
 
 
 def _examples(rejected: list[dict], n: int = 3) -> dict[str, list[str]]:
     """The first `n` task keys per reason, so the report names the records behind each count."""
     out: dict[str, list[str]] = {}
     for r in rejected:
-        reason = "endpoint error" if r["reason"].startswith("error") else r["reason"]
+        reason = _reason(r)
         if len(out.setdefault(reason, [])) < n:
-            out[reason].append(f"{r['key']}: {r['reason']}" if reason == "endpoint error" else r["key"])
+            out[reason].append(f"{r['key']}: {r['reason']}" if reason != r["reason"] else r["key"])
     return out
 
 
@@ -113,7 +114,7 @@ def run_generate(ctx: Context, k: int, out: Path, progress=None) -> dict:
                      "kept": sum(iid in t["instruction_id_list"] for t in kept)} for iid in catalogue}
     # Token counts only (instructions and answers): wall time varies run to run, so it lives in the manifest.
     usage = dict(Counter({k: v for k, v in usage.items() if k != "seconds"}) + made_usage)
-    return save_counts(out, counts(len(tasks), len(kept), _reason_counts(rejected), made=made,
+    return save_counts(out, counts(len(tasks), len(kept), Counter(map(_reason, rejected)), made=made,
                                    by_instruction=by_kind, teacher_usage=usage, examples=_examples(rejected)))
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from jaxtune import stats
 from jaxtune.eval.report import CSS, img_tag, png, table, write_report
 from jaxtune.jsonl import read_jsonl
+from jaxtune.pipeline.context import read_json, round_dir
 
 SCHEMA = 1
 # (key in an evaluate summary, label, whether lower is better)
@@ -65,16 +66,8 @@ def data_cost(usage: list[dict], kept: int, cost: dict) -> dict:
             "tokens": {"in": sum(s["tokens_in"] for s in stages), "out": sum(s["tokens_out"] for s in stages)}}
 
 
-def _round_dir(run_dir: Path, k: int) -> Path:
-    return Path(run_dir) / f"round-{k}"
-
-
-def _read(path: Path):
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 def _rows(run_dir: Path, k: int, split: str) -> list[dict]:
-    return [r for _, r in read_jsonl(_round_dir(run_dir, k) / "evaluate" / f"{split}.jsonl")]
+    return [r for _, r in read_jsonl(round_dir(run_dir, k) / "evaluate" / f"{split}.jsonl")]
 
 
 def _hallucination(run_dir: Path, k: int, n_boot: int) -> dict:
@@ -84,7 +77,7 @@ def _hallucination(run_dir: Path, k: int, n_boot: int) -> dict:
 
     out = {}
     for name, metrics in (("grounded", grounded.METRICS), ("closedbook", closedbook.METRICS)):
-        paths = [_round_dir(run_dir, j) / "evaluate" / f"{name}.jsonl" for j in (0, k)]
+        paths = [round_dir(run_dir, j) / "evaluate" / f"{name}.jsonl" for j in (0, k)]
         if all(p.is_file() for p in paths):
             base, tuned = ([r for _, r in read_jsonl(p)] for p in paths)
             out[name] = compare(base, tuned, metrics, n_boot=n_boot, seed=k)
@@ -96,13 +89,13 @@ def _usage(run_dir: Path, k: int, teacher_kind: str) -> tuple[list[dict], int]:
     examples the round kept for training."""
     out = []
     for stage, kind in (("generate", teacher_kind), ("distill", "local")):
-        counts = _read(_round_dir(run_dir, k) / stage / "counts.json") or {}
+        counts = read_json(round_dir(run_dir, k) / stage / "counts.json") or {}
         usage = counts.get("teacher_usage")
         if usage:
-            man = _read(_round_dir(run_dir, k) / stage / "manifest.json") or {}
+            man = read_json(round_dir(run_dir, k) / stage / "manifest.json") or {}
             out.append({"stage": stage, "teacher": kind, "tokens_in": usage.get("tokens_in", 0),
                         "tokens_out": usage.get("tokens_out", 0), "seconds": man.get("seconds", 0.0)})
-    kept = (_read(_round_dir(run_dir, k) / "distill" / "counts.json") or {}).get("out", 0)
+    kept = (read_json(round_dir(run_dir, k) / "distill" / "counts.json") or {}).get("out", 0)
     return out, kept
 
 
@@ -114,7 +107,7 @@ def build(run_dir: str | Path, upto: int, *, n_boot: int = 2000, cost: dict | No
     rounds = []
     base_rows = _rows(run_dir, 0, "report")
     for k in range(upto + 1):
-        scores = _read(_round_dir(run_dir, k) / "evaluate" / "scores.json")
+        scores = read_json(round_dir(run_dir, k) / "evaluate" / "scores.json")
         rows = _rows(run_dir, k, "report")
         if [r["key"] for r in rows] != [r["key"] for r in base_rows]:
             raise ValueError(f"round {k} was evaluated on other report prompts than round 0; re-run with --from "
@@ -125,13 +118,13 @@ def build(run_dir: str | Path, upto: int, *, n_boot: int = 2000, cost: dict | No
                  "steering": scores["steering"], "forgetting": scores.get("forgetting"), "vs_base": diffs,
                  "hallucination": _hallucination(run_dir, k, n_boot)}
         if k:
-            entry["stages"] = {s: _read(_round_dir(run_dir, k) / s / "counts.json")
+            entry["stages"] = {s: read_json(round_dir(run_dir, k) / s / "counts.json")
                                for s in ("generate", "filter", "distill", "tune")}
-            entry["allocation"] = _read(_round_dir(run_dir, k) / "generate" / "allocation.json")
+            entry["allocation"] = read_json(round_dir(run_dir, k) / "generate" / "allocation.json")
         rounds.append(entry)
     timing = {"inference": {}, "data": {}}
     for k in range(1, upto + 1):
-        latency = _read(_round_dir(run_dir, k) / "evaluate" / "timing.json")
+        latency = read_json(round_dir(run_dir, k) / "evaluate" / "timing.json")
         if latency:
             timing["inference"][k] = latency
         usage, kept = _usage(run_dir, k, teacher_kind)
