@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from jaxtune.faults import fault_point
 from jaxtune.files import atomic_dir
 from jaxtune.generate import stop_token_ids
+from jaxtune.hf.families import family
+from jaxtune.hf.load import kept_tensors
 from jaxtune.hf.save import hf_config_from_model, hf_config_from_source, hf_tensors, save_tokenizer, save_weights
 from jaxtune.lora.peft import load_peft_adapter, save_peft_adapter
 from jaxtune.model.config import DTYPES, parse_dtype
@@ -69,7 +71,8 @@ def save_merged(model, tokenizer, out_dir: str | Path, *, source_dir: str | Path
     generation = _generation_config(cfg, tokenizer, chat_template, stop_ids, source_dir)
     guarded = {"the source model directory": source_dir, **(protect or {})}
     with atomic_dir(out, kind="merged", force=force, protect=guarded) as tmp:
-        save_weights(hf_tensors(model, dt), tmp, max_shard_size)
+        kept = kept_tensors(source_dir, family(cfg.model_type)) if source_dir is not None else []
+        save_weights(hf_tensors(model, dt) + kept, tmp, max_shard_size)
         fault_point("export.writing")
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")

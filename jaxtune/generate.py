@@ -71,11 +71,13 @@ def _ids(value) -> list[int]:
 def stop_token_ids(model_config, tokenizer=None, chat_template: str | None = None, extra=(),
                    generation: dict | None = None) -> list[int]:
     """The one stop-token rule: every id generation stops at, in order without duplicates: the config's and
-    generation config's EOS, `extra`, the tokenizer's EOS, and the end-of-turn markers the chat template
+    generation config's EOS (`generation`, else the one the model was loaded with), `extra`, the tokenizer's
+    EOS, and the end-of-turn markers the chat template
     (`chat_template`, else the tokenizer's) actually emits (e.g. `<|im_end|>` next to `<|endoftext|>`)."""
     from jaxtune.data.chat import END_OF_TURN
 
-    ids = _ids(model_config.eos_token_id) + _ids((generation or {}).get("eos_token_id")) + _ids(extra)
+    loaded = getattr(model_config, "generation_eos_token_id", ())
+    ids = _ids(model_config.eos_token_id) + _ids((generation or {}).get("eos_token_id", list(loaded))) + _ids(extra)
     if tokenizer is not None:
         ids += _ids(getattr(tokenizer, "eos_token_id", None))
         template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -129,21 +131,47 @@ def prefill(graphdef, state, ids, seg, pos, knobs, *, cache_len: int, max_new: i
     logits, cache = model(ids, seg, pos, cache=model.init_cache(b, cache_len))
     tok = _pick(logits[:, -1], 0, knobs, greedy)
     tokens = jnp.full((b, max_new), _NO_TOKEN, jnp.int32).at[:, 0].set(tok)
-    return {"cache": cache, "last": tok, "pos": pos[:, -1] + 1, "done": jnp.isin(tok, knobs[3]),
-            "step": jnp.ones((), jnp.int32), "tokens": tokens}
+    carry = {"cache": cache, "last": tok, "pos": pos[:, -1] + 1, "done": jnp.isin(tok, knobs[3]),
+             "step": jnp.ones((), jnp.int32), "tokens": tokens}
+    if model.config.rope_type == "longrope":
+        carry["prompt"] = (ids, seg, pos)
+    return carry
+
+
+def _reencode(model, carry: dict):
+    """longrope's switch as transformers makes it: on the first step past the original context it drops the
+    cache and re-encodes prompt and output so far, every key rotated with the long factors. Returns the
+    logits of the step's last token and the rebuilt cache, positioned where the cached step would leave it."""
+    ids, seg, pos = carry["prompt"]
+    (b, p), n = ids.shape, carry["tokens"].shape[1]
+    written = (jnp.arange(n) < carry["step"]) & (carry["tokens"] != _NO_TOKEN)
+    full = (jnp.concatenate([ids, jnp.where(written, carry["tokens"], 0)], 1),
+            jnp.concatenate([seg, written.astype(jnp.int32)], 1),
+            jnp.concatenate([pos, pos[:, -1:] + 1 + jnp.arange(n, dtype=pos.dtype)], 1))
+    logits, cache = model(*full, cache=model.init_cache(b, carry["cache"]["segment_ids"].shape[1]))
+    end = p + carry["step"]
+    return jax.lax.dynamic_slice_in_dim(logits, end - 1, 1, axis=1), {**cache, "index": end}
 
 
 def decode_step(graphdef, state, carry: dict, knobs, *, greedy: bool) -> dict:
     """Feed each row's last token, sample the next; finished rows keep their output and record nothing."""
     model = nnx.merge(graphdef, state)
     b = carry["last"].shape[0]
-    logits, cache = model(carry["last"][:, None], jnp.ones((b, 1), jnp.int32), carry["pos"][:, None],
-                          cache=carry["cache"])
+
+    def cached():
+        return model(carry["last"][:, None], jnp.ones((b, 1), jnp.int32), carry["pos"][:, None],
+                     cache=carry["cache"])
+
+    if "prompt" in carry:
+        switch = jnp.max(carry["pos"]) == model.config.rope_original_max_position
+        logits, cache = jax.lax.cond(switch, lambda: _reencode(model, carry), cached)
+    else:
+        logits, cache = cached()
     tok = _pick(logits[:, 0], carry["step"], knobs, greedy)
     done = carry["done"]
     written = jnp.where(done, _NO_TOKEN, tok)
     tokens = jax.lax.dynamic_update_slice_in_dim(carry["tokens"], written[:, None], carry["step"], axis=1)
-    return {"cache": cache, "last": jnp.where(done, carry["last"], tok), "pos": carry["pos"] + 1,
+    return {**carry, "cache": cache, "last": jnp.where(done, carry["last"], tok), "pos": carry["pos"] + 1,
             "done": done | jnp.isin(tok, knobs[3]), "step": carry["step"] + 1, "tokens": tokens}
 
 

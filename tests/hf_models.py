@@ -36,6 +36,46 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen3_window": ("Qwen3Config", dict(num_key_value_heads=1, head_dim=16, num_hidden_layers=3,
                                          layer_types=["full_attention", "sliding_attention", "sliding_attention"],
                                          use_sliding_window=True, sliding_window=6, tie_word_embeddings=False)),
+    # head_dim ≠ hidden/heads, GeGLU (tanh), (1 + w) norms, √d embedding scale.
+    "gemma": ("GemmaConfig", dict(num_key_value_heads=2, head_dim=24)),
+    # Scores × query_pre_attn_scalar^-½, capped; final logits capped; sandwich norms; layer 0 sliding.
+    "gemma2": ("Gemma2Config", dict(num_key_value_heads=2, head_dim=16, num_hidden_layers=3, sliding_window=5,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
+                                    final_logit_softcapping=2.0)),
+    # q/k norms, a local RoPE base on sliding layers and linear scaling on global ones, the pattern from layer_types.
+    "gemma3": ("Gemma3TextConfig", dict(num_key_value_heads=1, head_dim=16, num_hidden_layers=3, sliding_window=4,
+                                        query_pre_attn_scalar=20,
+                                        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                        rope_parameters={"full_attention": dict(rope_type="linear", factor=4.0,
+                                                                                rope_theta=100000.0),
+                                                         "sliding_attention": dict(rope_type="default",
+                                                                                   rope_theta=50.0)})),
+    # Fused qkv_proj / gate_up_proj, half of each head rotated.
+    # A multimodal Gemma 3 checkpoint: the text tower under `language_model.`, a vision tower beside it.
+    "gemma3_vision": ("Gemma3Config", dict(
+        text_config=dict(num_key_value_heads=1, head_dim=16, num_hidden_layers=2, sliding_window=4,
+                         query_pre_attn_scalar=16, vocab_size=300),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        mm_tokens_per_image=4, image_token_index=299, boi_token_index=297, eoi_token_index=298)),
+    "phi3": ("Phi3Config", dict(num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0,
+                                bos_token_id=1, eos_token_id=2, partial_rotary_factor=0.5)),
+    # Phi-4-mini's shape of RoPE: a quarter of each head unrotated, longrope past 16 positions (T = 24 crosses it).
+    "phi4_longrope": ("Phi3Config", dict(num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0,
+                                         max_position_embeddings=64, original_max_position_embeddings=16,
+                                         rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                              partial_rotary_factor=0.75,
+                                                              short_factor=[1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                                              long_factor=[1.0, 1.5, 2.5, 4.0, 6.0, 9.0]))),
+    "olmo2": ("Olmo2Config", dict(num_key_value_heads=2, pad_token_id=0)),
+    "granite": ("GraniteConfig", dict(num_key_value_heads=2, embedding_multiplier=3.0, residual_multiplier=0.5,
+                                      attention_multiplier=0.3, logits_scaling=2.5, tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                      intermediate_size=32)),
+    # Dense layer 1 among MoE layers, top-k weights not renormalised.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=16, num_hidden_layers=3, num_experts=4,
+                                         num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=False,
+                                         mlp_only_layers=[1], tie_word_embeddings=False)),
 }
 
 
@@ -49,12 +89,21 @@ def reinit_(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
+def make_config(name: str, **overrides):
+    """The `transformers` config of variant `name` (BASE sizes, then its own kwargs, then `overrides`)."""
+    import transformers
+
+    cls_name, kw = VARIANTS[name]
+    if "text_config" in kw:  # multimodal: the tiny sizes describe its text model
+        return getattr(transformers, cls_name)(**{**kw, "text_config": {**BASE, **kw["text_config"]}}, **overrides)
+    return getattr(transformers, cls_name)(**{**BASE, **kw, **overrides})
+
+
 def build(name: str, out_dir: Path, seed: int = 0, **overrides):
     """Save a tiny random model `name` into `out_dir`; return the fp32 eager PyTorch model."""
     import transformers
 
-    cls_name, kw = VARIANTS[name]
-    cfg = getattr(transformers, cls_name)(**{**BASE, **kw, **overrides})
+    cfg = make_config(name, **overrides)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)

@@ -13,6 +13,7 @@ from flax import nnx
 from jaxtune.model import attention as attn
 from jaxtune.model.attention import attention, blockwise, cudnn, splash
 from jaxtune.model.attention import cpu_flash as ca
+from jaxtune.model.attention import mask as mask_mod
 from jaxtune.model.attention.mask import visibility
 from jaxtune.model.attention.xla import xla_attention
 from jaxtune.model.config import ModelConfig
@@ -39,18 +40,19 @@ def make_inputs(t=200, b=3, h=4, kh=2, d=8, layout="mixed", seed=0, dtype=jnp.fl
 
 
 def check_against_reference(fn, t=200, window=None, sliding=True, layout="mixed", atol=1e-5, dtype=jnp.float32,
-                            d=8):
+                            d=8, scale=None, softcap=None):
     """`fn` on `dtype` inputs against the dense reference on the same values in fp32: outputs on real rows
-    and the gradients of a weighted sum of them with respect to q, k and v."""
+    and the gradients of a weighted sum of them with respect to q, k and v, under score `scale` and `softcap`."""
+    extra = {"scale": scale, "softcap": softcap}
     q, k, v, idx, seg = make_inputs(t=t, layout=layout, dtype=dtype, d=d)
     valid = (seg != 0)[..., None, None]
     w = jnp.asarray(np.random.default_rng(1).standard_normal(q.shape), jnp.float32)
 
     def ref(q, k, v, s):
-        return xla_attention(q, k, v, visibility(idx, idx, seg, seg, window, s))
+        return xla_attention(q, k, v, visibility(idx, idx, seg, seg, window, s), **extra)
 
     def impl(q, k, v, s):
-        return fn(q, k, v, q_idx=idx, k_idx=idx, q_seg=seg, k_seg=seg, window=window, sliding=s)
+        return fn(q, k, v, q_idx=idx, k_idx=idx, q_seg=seg, k_seg=seg, window=window, sliding=s, **extra)
 
     def loss(f):
         return lambda q, k, v, s: jnp.sum(jnp.where(valid, f(q, k, v, s).astype(jnp.float32) * w, 0))
@@ -106,6 +108,104 @@ def test_splash_matches_reference_in_interpret_mode(window, sliding):
     check_against_reference(splash.attention, t=128, window=window, sliding=sliding)
 
 
+# Score variants: Granite/Gemma-style non-default scale, Gemma 2's logit soft-cap, and both on a sliding window
+# over packed rows. At head_dim 8 scores have std 1 under the default scale and about 2 under 0.7, so a cap of
+# 2 changes every row: a backend that drops or misplaces the cap, or ignores the scale, fails.
+SCORE_VARIANTS = [
+    pytest.param({"scale": 0.7}, id="scale"),
+    pytest.param({"softcap": 2.0}, id="softcap"),
+    pytest.param({"scale": 0.7, "softcap": 2.0, "window": 16, "sliding": "traced"}, id="both-window-traced"),
+    pytest.param({"scale": 0.7, "softcap": 2.0, "window": 16, "sliding": True}, id="both-window-static"),
+]
+
+
+def test_reference_scores_as_hf_eager():
+    """The reference is HF's eager attention (Gemma 2's, which scales, soft-caps, then masks) on the same
+    inputs, and the cap and scale each change its result."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    q, k, v, idx, seg = make_inputs(t=40)
+    mask = visibility(idx, idx, seg, seg, 16, True)
+    valid = np.asarray(seg != 0)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.head_dim = q.shape[2] // k.shape[2], q.shape[3]
+    module.eval()
+
+    def t(x):  # [B,T,H,D] -> HF's [B,H,T,D]
+        return torch.from_numpy(np.array(x)).transpose(1, 2)
+
+    additive = torch.from_numpy(np.where(np.asarray(mask), 0.0, np.finfo(np.float32).min)[:, None].astype(np.float32))
+    outs = {}
+    for scale, softcap in ((None, None), (0.7, None), (None, 2.0), (0.7, 2.0)):
+        want = eager_attention_forward(module, t(q), t(k), t(v), additive, scaling=scale, softcap=softcap)[0].numpy()
+        got = np.asarray(xla_attention(q, k, v, mask, scale=scale, softcap=softcap))
+        np.testing.assert_allclose(got[valid], want[valid], atol=1e-5, rtol=1e-5)
+        outs[scale, softcap] = got[valid]
+    assert len({np.round(o, 3).tobytes() for o in outs.values()}) == 4
+
+
+def test_folded_scale_is_not_rounded_to_bf16():
+    """Kernels that fold the scale into bf16 q multiply in fp32: Gemma 2 27B's 224**-0.5 rounded to bf16 would
+    scale every score 0.12% high; products rounded once are off by at most half a bf16 step, with no bias."""
+    x = jnp.asarray(np.random.default_rng(6).standard_normal(4096), jnp.bfloat16).astype(jnp.float32)
+    scale = 224 ** -0.5
+    rel = np.asarray(mask_mod.scaled_q(x.astype(jnp.bfloat16), scale).astype(jnp.float32) / (x * scale) - 1)
+    assert np.abs(rel).max() <= 2.0 ** -8 and abs(rel.mean()) < 2e-4
+
+
+@pytest.mark.parametrize("variant", SCORE_VARIANTS)
+def test_blockwise_scale_and_softcap(variant):
+    check_against_reference(blockwise.attention, t=72, **variant)
+
+
+def test_splash_scale_and_softcap_in_interpret_mode():
+    """The scale folded into q, splash's own `attn_logits_soft_cap` on the scaled scores."""
+    check_against_reference(splash.attention, t=128, scale=0.7, softcap=2.0, window=40, sliding="traced")
+
+
+def test_cudnn_arguments_carry_the_scale():
+    check_against_reference(cudnn_as_xla, t=96, scale=0.7, window=16, sliding=True)
+
+
+def test_cudnn_refuses_softcap():
+    """cuDNN has no logit soft-cap: asking for one names the backends that have it, on every path (self and
+    cached attention) and through the common interface."""
+    q, k, v, idx, seg = make_inputs(t=16)
+    kw = {"q_idx": idx, "k_idx": idx, "q_seg": seg, "k_seg": seg, "window": None, "softcap": 2.0}
+    message = "cuDNN attention cannot soft-cap.*'auto', 'xla' or 'blockwise'"
+    with pytest.raises(ValueError, match=message):
+        cudnn.attention(q, k, v, implementation="xla", **kw)
+    with pytest.raises(ValueError, match=message):
+        cudnn.attention(q[:, :1], k, v, **{**kw, "q_idx": idx[:, :1], "q_seg": seg[:, :1]})
+    with pytest.raises(ValueError, match=message):
+        attention(q, k, v, impl="cudnn", **kw)
+    assert cudnn.attention(q, k, v, implementation="xla", **{**kw, "softcap": None}).shape == q.shape
+
+
+def test_softcap_must_be_positive():
+    q, k, v, idx, seg = make_inputs(t=16)
+    with pytest.raises(ValueError, match="positive cap"):
+        attention(q, k, v, q_idx=idx, k_idx=idx, q_seg=seg, k_seg=seg, window=None, impl="xla", softcap=0.0)
+
+
+def test_auto_never_picks_cudnn_to_soft_cap(monkeypatch):
+    """On GPU a soft-capped layer runs `blockwise` where cuDNN would otherwise run; the common interface hands
+    the cap to that choice (cuDNN would raise)."""
+    monkeypatch.setattr(attn, "platform", lambda: "gpu")
+    q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
+    assert attn.default_impl(q, q) == "cudnn"
+    assert attn.default_impl(q, q, softcap=50.0) == "blockwise"
+    monkeypatch.setattr(attn, "platform", lambda: "tpu")
+    assert attn.default_impl(q, q, softcap=50.0) == "splash"
+    monkeypatch.setattr(attn, "platform", lambda: "gpu")
+    q, k, v, idx, seg = make_inputs(t=16, dtype=jnp.bfloat16)
+    got = attention(q, k, v, q_idx=idx, k_idx=idx, q_seg=seg, k_seg=seg, window=None, scale=0.7, softcap=2.0)
+    want = blockwise.attention(q, k, v, q_idx=idx, k_idx=idx, q_seg=seg, k_seg=seg, window=None, scale=0.7,
+                               softcap=2.0)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 CACHED_IMPLS = [lambda q, k, v, **kw: blockwise.attention(q, k, v, block=32, **kw),
                 lambda q, k, v, **kw: ca.attention(q, k, v, **kw)]
 NEEDS_CPU_FLASH = pytest.mark.skipif(jax.default_backend() != "cpu" or not ca.ensure_built(),
@@ -116,7 +216,8 @@ IMPLS = ["blockwise", pytest.param("cpu_flash", marks=NEEDS_CPU_FLASH)]
 @pytest.mark.parametrize("fn", [CACHED_IMPLS[0], pytest.param(CACHED_IMPLS[1], marks=NEEDS_CPU_FLASH)],
                          ids=["blockwise", "cpu_flash"])
 def test_cached_queries_match_reference(fn):
-    """KV-cache shape: 5 new queries at slots 40..44 over a 96-slot cache with empty slots past 45."""
+    """KV-cache shape: 5 new queries at slots 40..44 over a 96-slot cache with empty slots past 45; plain, with
+    a window, and with a window, a scale and a soft-cap."""
     rng = np.random.default_rng(2)
     b, t, s, h, kh, d = 2, 5, 96, 4, 2, 8
     q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
@@ -125,9 +226,11 @@ def test_cached_queries_match_reference(fn):
     k_idx = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     k_seg = jnp.asarray((np.arange(s)[None] < 45) & (np.arange(s)[None] >= [[0], [7]]), jnp.int32)
     q_seg = jnp.ones((b, t), jnp.int32)
-    for window in (None, 9):
-        kw = dict(q_idx=q_idx, k_idx=k_idx, q_seg=q_seg, k_seg=k_seg, window=window, sliding=True)
-        want = xla_attention(q, k, v, visibility(q_idx, k_idx, q_seg, k_seg, window, True))
+    for window, scale, softcap in ((None, None, None), (9, None, None), (9, 0.7, 2.0)):
+        kw = {"q_idx": q_idx, "k_idx": k_idx, "q_seg": q_seg, "k_seg": k_seg, "window": window, "sliding": True,
+              "scale": scale, "softcap": softcap}
+        want = xla_attention(q, k, v, visibility(q_idx, k_idx, q_seg, k_seg, window, True), scale=scale,
+                             softcap=softcap)
         got = jax.jit(lambda q, k, v: fn(q, k, v, **kw))(q, k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
@@ -232,6 +335,12 @@ def test_backend_model_matches_transformers(tmp_path, variant, impl):
 def test_cudnn_matches_reference_on_gpu(layout, window, sliding):
     check_against_reference(cudnn.attention, t=256, window=window, sliding=sliding, layout=layout,
                             atol=3e-2, dtype=jnp.bfloat16, d=64)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN flash attention needs an NVIDIA GPU (run by scripts/gpu_check.sh)")
+def test_cudnn_scale_on_gpu():
+    check_against_reference(cudnn.attention, t=256, window=16, sliding="traced", atol=3e-2, dtype=jnp.bfloat16,
+                            d=64, scale=0.3)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="bf16 blockwise on GPU (run by scripts/gpu_check.sh)")

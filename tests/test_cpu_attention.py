@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_attention import SCORE_VARIANTS, WINDOWS, _tiny_model, check_against_reference, make_inputs
 
 from jaxtune.model import attention as attn
 from jaxtune.model.attention import cpu_flash as ca
-from test_attention import WINDOWS, _tiny_model, check_against_reference, make_inputs
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu" or not ca.ensure_built(),
                                 reason="cpu_flash needs the CPU backend and a C++ compiler")
@@ -27,6 +27,14 @@ def test_head_dims(d):
     """Heads below 16 dims and 16-multiples take different accumulation paths in the kernel; 12 and 24 run
     zero-padded to 16 and 32."""
     check_against_reference(ca.attention, t=150, window=40, sliding="traced", d=d, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", SCORE_VARIANTS)
+@pytest.mark.parametrize("d", [8, 32])
+def test_scale_and_softcap(d, variant):
+    """The kernel's soft-cap (and its slope 1 - tanh² in the backward) in both forward paths: rows in lanes
+    (head dim 8) and keys in lanes (32); 200 rows are not a multiple of the tiles."""
+    check_against_reference(ca.attention, t=200, d=d, **variant)
 
 
 def test_bf16_inputs_are_computed_in_fp32():
@@ -67,6 +75,7 @@ def test_auto_picks_cpu_flash_on_one_device_only(monkeypatch):
     monkeypatch.setattr(attn, "platform", lambda: "cpu")
     monkeypatch.setattr(jax, "device_count", lambda: 1)
     assert attn.default_impl(q, q) == "cpu_flash"
+    assert attn.default_impl(q, q, softcap=30.0) == "cpu_flash"
     assert attn.default_impl(jnp.zeros((1, 256, 4, 512)), jnp.zeros((1, 256, 4, 512))) == "blockwise"  # head dim
     assert attn.default_impl(q[:, :1], q) == "xla"  # decode
     monkeypatch.setattr(ca, "available", lambda: False)

@@ -1,16 +1,20 @@
 """Golden loss masks per chat template, with small word-level tokenizers carrying each template's real special
 tokens and (public) chat template, plus the real stories260K tokenizer with the built-in templates."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from jaxtune.data.chat import builtin_template
+from jaxtune.data.config import DataConfig
 from jaxtune.data.formats import Conversation, load_records
+from jaxtune.data.prepare import prepare_dataset
 from jaxtune.data.report import RecordError
-from jaxtune.data.tokenize import tokenize_conversation
-from jaxtune.data.tokenize import adds_bos
+from jaxtune.data.tokenize import adds_bos, tokenize_conversation
 
 # ----------------------------------------------------------------------------------------- templates
 QWEN2 = (
@@ -49,6 +53,7 @@ MISTRAL = (
     "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
 )
 
+# Qwen3, dense and MoE (Qwen3-30B-A3B, Qwen3-235B-A22B ship the same template).
 QWEN3 = """{%- if messages[0].role == 'system' %}
     {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
 {%- endif %}
@@ -139,11 +144,148 @@ LLAMA3_GENERATION = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 
+# Gemma 1, 1.1 and 2 (-it): one template, no system role.
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+GEMMA3 = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\\n\\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\\n\\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\\n'}}
+{%- endif -%}
+"""
+
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+PHI4_MINI = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' and 'tools' in message and message['tools'] is not none %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|tool|>' + message['tools'] + '<|/tool|>' + '<|end|>' }}"
+    "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+# OLMo 2 (-Instruct, Tülu 3 format): the role tags are plain text, BOS and EOS are both <|endoftext|>.
+OLMO2 = (
+    "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{ '<|system|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{% if not loop.last %}"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n'  + message['content'] + eos_token }}{% endif %}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}{% endfor %}"
+)
+
+# Granite 3.1 (-instruct), abridged: the documents branches are left out and the tool instructions cut to their
+# first sentence (the tests pass neither tools nor documents).
+GRANITE3 = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set system_message = "Knowledge Cutoff Date: April 2024.\\nToday's Date: " + strftime_now('%B %d, %Y') + ".\\nYou are Granite, developed by IBM." %}
+    {%- if tools %}
+        {%- set system_message = system_message + " You are a helpful AI assistant with access to the following tools." %}
+    {%- else %}
+        {%- set system_message = system_message + " You are a helpful AI assistant." %}
+    {%- endif %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+{{- '<|start_of_role|>system<|end_of_role|>' + system_message + '<|end_of_text|>\\n' }}
+{%- if tools %}
+    {{- '<|start_of_role|>tools<|end_of_role|>' }}
+    {{- tools | tojson(indent=4) }}
+    {{- '<|end_of_text|>\\n' }}
+{%- endif %}
+{%- for message in loop_messages %}
+    {{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content'] + '<|end_of_text|>\\n' }}
+    {%- if loop.last and add_generation_prompt %}
+        {{- '<|start_of_role|>assistant<|end_of_role|>' }}
+    {%- endif %}
+{%- endfor %}"""
+
+# Mixtral-8x7B-Instruct-v0.1 (its revised template): an optional system message joins the first [INST].
+MIXTRAL = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 QWEN_SPECIALS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
 QWEN3_SPECIALS = QWEN_SPECIALS + ["<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_response>",
                                   "</tool_response>"]
 MISTRAL_SPECIALS = ["<s>", "</s>", "[INST]", "[/INST]"]
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+PHI3_SPECIALS = ["<s>", "</s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
+PHI4_SPECIALS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>"]
+GRANITE_SPECIALS = ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>"]
 
 PIECES = Regex(r"\s+|\w+|[^\w\s]")
 
@@ -202,6 +344,18 @@ def before_runs(tokenizer, ids, mask, n=3):
     toks = tokenizer.convert_ids_to_tokens(ids.tolist())
     starts = [i for i in range(len(mask)) if mask[i] and (i == 0 or not mask[i - 1])]
     return ["".join(toks[max(0, s - n):s]) for s in starts]
+
+
+def marked(tokenizer, ids, mask):
+    """The tokens as text with each trained run in «», e.g. '…model\n«Paris.<end_of_turn>»\n…': the whole golden
+    mask in one string."""
+    out, on = [], False
+    for t, m in zip(tokenizer.convert_ids_to_tokens(ids.tolist()), mask):
+        if m != on:
+            out.append("«" if m else "»")
+            on = bool(m)
+        out.append(t)
+    return "".join(out) + ("»" if on else "")
 
 
 def conv(messages, tools=None):
@@ -287,6 +441,89 @@ def test_mistral_inst_golden_mask_and_template_refusal():
     assert before_runs(tok, ids, mask, 2) == [" [/INST]"] * 2
     with pytest.raises(RecordError, match=r"inline:1: template error.*roles must alternate"):
         tokenize_conversation(conv([SYSTEM, *TWO_TURNS]), tok, MISTRAL)
+
+
+@pytest.mark.parametrize("template,specials,kw,with_system,golden", [
+    (PHI3, PHI3_SPECIALS, {"bos": "<s>", "eos": "<|endoftext|>"}, True,
+     ("<|system|>\nYou are terse.<|end|>\n<|user|>\nWhat is the capital of France?<|end|>\n"
+      "<|assistant|>\n«Paris.<|end|>»\n<|user|>\nAnd of Germany?<|end|>\n"
+      "<|assistant|>\n«Berlin.<|end|>»\n<|endoftext|>")),
+    (PHI4_MINI, PHI4_SPECIALS, {"bos": "<|endoftext|>", "eos": "<|endoftext|>"}, True,
+     ("<|system|>You are terse.<|end|><|user|>What is the capital of France?<|end|>"
+      "<|assistant|>«Paris.<|end|>»<|user|>And of Germany?<|end|><|assistant|>«Berlin.<|end|>»<|endoftext|>")),
+    (OLMO2, ["<|endoftext|>", "<|pad|>"], {"bos": "<|endoftext|>", "eos": "<|endoftext|>"}, True,
+     ("<|endoftext|><|system|>\nYou are terse.\n<|user|>\nWhat is the capital of France?\n"
+      "<|assistant|>\n«Paris.<|endoftext|>»\n<|user|>\nAnd of Germany?\n<|assistant|>\n«Berlin.<|endoftext|>»")),
+    (MIXTRAL, ["<s>", "</s>"], {"bos": "<s>", "eos": "</s>", "post_bos": True}, True,
+     ("<s> [INST] You are terse.\n\nWhat is the capital of France? [/INST] «Paris.</s>»"
+      " [INST] And of Germany? [/INST] «Berlin.</s>»")),
+    (MIXTRAL, ["<s>", "</s>"], {"bos": "<s>", "eos": "</s>", "post_bos": True}, False,
+     "<s> [INST] What is the capital of France? [/INST] «Paris.</s>» [INST] And of Germany? [/INST] «Berlin.</s>»"),
+], ids=["phi3-mini", "phi4-mini", "olmo2", "mixtral-system", "mixtral"])
+def test_family_templates_golden_masks(template, specials, kw, with_system, golden):
+    """Only each assistant text and its end-of-turn marker are trained: never the role headers, the prompt, the
+    system message, the BOS or a trailing EOS the template adds after the last turn (Phi)."""
+    c = conv([SYSTEM, *TWO_TURNS] if with_system else TWO_TURNS)
+    tok = word_tokenizer(template, specials, [c], **kw)
+    ids, mask = tokenize_conversation(c, tok, template)
+    assert marked(tok, ids, mask) == golden
+
+
+def test_gemma_golden_mask_trims_content_and_keeps_one_bos():
+    c = conv([*TWO_TURNS[:3], {"role": "assistant", "content": "  Berlin.\n"}])
+    tok = word_tokenizer(GEMMA, GEMMA_SPECIALS, [c], bos="<bos>", eos="<eos>", post_bos=True)
+    assert adds_bos(tok)
+    ids, mask = tokenize_conversation(c, tok, GEMMA)
+    assert marked(tok, ids, mask) == (
+        "<bos><start_of_turn>user\nWhat is the capital of France?<end_of_turn>\n<start_of_turn>model\n"
+        "«Paris.<end_of_turn>»\n<start_of_turn>user\nAnd of Germany?<end_of_turn>\n<start_of_turn>model\n"
+        "«Berlin.<end_of_turn>»\n")
+
+
+def test_gemma_system_message_is_a_one_line_record_error(tmp_path):
+    """Gemma 1/2's template raises on a system role: with on_error raise the record is named in one line (the
+    CLI prints a ValueError as one line), with skip it is counted and the rest trains."""
+    good, bad = {"messages": TWO_TURNS}, {"messages": [SYSTEM, *TWO_TURNS]}
+    path = tmp_path / "gemma.jsonl"
+    path.write_text(f"{json.dumps(good)}\n{json.dumps(bad)}\n")
+    tok = word_tokenizer(GEMMA, GEMMA_SPECIALS, [conv(TWO_TURNS)], bos="<bos>", eos="<eos>", post_bos=True)
+    cfg = {"train": str(path), "seq_len": 64, "cache_dir": str(tmp_path / "cache")}
+    with pytest.raises(RecordError) as err:
+        prepare_dataset(DataConfig(**cfg), tok)
+    assert re.fullmatch(re.escape(f"{path}:2: template error (messages): the chat template refused this "
+                                  "conversation: System role not supported. Fix the record, ") + ".*", str(err.value))
+    assert "\n" not in str(err.value)
+    train, _, report = prepare_dataset(DataConfig(**cfg, on_error="skip"), tok)
+    assert len(train) == 1 and report.skipped == {"template error": 1}
+
+
+def test_gemma3_folds_the_system_message_into_the_first_user_turn():
+    c = conv([SYSTEM, *TWO_TURNS])
+    tok = word_tokenizer(GEMMA3, GEMMA_SPECIALS, [c], bos="<bos>", eos="<eos>", post_bos=True)
+    ids, mask = tokenize_conversation(c, tok, GEMMA3)
+    assert marked(tok, ids, mask) == (
+        "<bos><start_of_turn>user\nYou are terse.\n\nWhat is the capital of France?<end_of_turn>\n"
+        "<start_of_turn>model\n«Paris.<end_of_turn>»\n<start_of_turn>user\nAnd of Germany?<end_of_turn>\n"
+        "<start_of_turn>model\n«Berlin.<end_of_turn>»\n")
+
+
+def test_granite3_golden_mask_with_its_default_system_message():
+    own = conv([SYSTEM, *TWO_TURNS])
+    c = conv(TWO_TURNS)
+    tok = word_tokenizer(GRANITE3, GRANITE_SPECIALS, [c, own], bos="<|end_of_text|>", eos="<|end_of_text|>")
+    turns = ("<|start_of_role|>user<|end_of_role|>What is the capital of France?<|end_of_text|>\n"
+             "<|start_of_role|>assistant<|end_of_role|>«Paris.<|end_of_text|>»\n"
+             "<|start_of_role|>user<|end_of_role|>And of Germany?<|end_of_text|>\n"
+             "<|start_of_role|>assistant<|end_of_role|>«Berlin.<|end_of_text|>»\n")
+    ids, mask = tokenize_conversation(c, tok, GRANITE3)
+    system, rest = marked(tok, ids, mask).split("<|end_of_text|>\n", 1)
+    assert re.fullmatch(r"<\|start_of_role\|>system<\|end_of_role\|>Knowledge Cutoff Date: April 2024\.\n"
+                        r"Today's Date: \S+ \d\d, \d{4}\.\nYou are Granite, developed by IBM\. "
+                        r"You are a helpful AI assistant\.", system)
+    assert rest == turns
+    ids, mask = tokenize_conversation(own, tok, GRANITE3)
+    assert marked(tok, ids, mask) == (
+        "<|start_of_role|>system<|end_of_role|>You are terse.<|end_of_text|>\n" + turns)
 
 
 def test_alpaca_prompt_golden_mask_with_and_without_input(tmp_path):

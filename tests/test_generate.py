@@ -4,6 +4,7 @@ streaming = while_loop, LoRA vs merged, mesh, and compile reuse."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
 
 from jaxtune import load_pretrained, load_tokenizer
 from jaxtune.generate import (SamplingParams, _generate_jit, _stepper, stop_token_ids, generate, generate_text,
                               pad_prompts, sample_logits, stream)
+from jaxtune.model.config import ModelConfig
 
 # llama2.c test_all.py `expected_stdout`: `run stories260K.bin -t 0 -n 200` (200 tokens after BOS).
 LLAMA2C_STORY = (
@@ -213,3 +217,44 @@ def test_invalid_sampling_params_are_named():
         SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="stop ids"):
         SamplingParams(stop_ids=tuple(range(20)))
+
+
+GEMMA_TURNS = ("{% for m in messages %}{{ '<start_of_turn>' + m.role + '\\n' + m.content | trim + '<end_of_turn>\\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}")
+
+
+def _gemma3_stop_setup(chat_template=None):
+    """A ModelConfig whose config.json eos is 1 and a word-level tokenizer with Gemma 3's special-token ids
+    (<eos> 1, <start_of_turn> 105, <end_of_turn> 106)."""
+    names = [f"w{i}" for i in range(107)]
+    names[:4] = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    names[105:] = ["<start_of_turn>", "<end_of_turn>"]
+    backend = Tokenizer(models.WordLevel({n: i for i, n in enumerate(names)}, unk_token="<unk>"))
+    backend.add_special_tokens(names[:4] + names[105:])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", chat_template=chat_template)
+    cfg = ModelConfig(model_type="gemma3_text", vocab_size=107, hidden_size=8, intermediate_size=16,
+                      num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1, head_dim=8, eos_token_id=1)
+    return cfg, tok
+
+
+def test_stop_ids_take_a_gemma_generation_config_eos_list(tmp_path):
+    cfg, tok = _gemma3_stop_setup()
+    (tmp_path / "generation_config.json").write_text('{"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}')
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    assert stop_token_ids(cfg, tok) == [1]
+    assert stop_token_ids(cfg, tok, generation=generation) == [1, 106]
+    assert stop_token_ids(cfg, generation=generation) == [1, 106]
+
+
+def test_chat_template_end_of_turn_marker_is_a_stop_id():
+    """`<end_of_turn>` stops generation when the template in use emits it: the tokenizer's own template, or the
+    `chat_template` argument, which replaces the tokenizer's."""
+    cfg, plain = _gemma3_stop_setup()
+    _, templated = _gemma3_stop_setup(GEMMA_TURNS)
+    assert stop_token_ids(cfg, plain) == [1]
+    assert stop_token_ids(cfg, templated) == [1, 106]
+    assert stop_token_ids(cfg, plain, chat_template=GEMMA_TURNS) == [1, 106]
+    assert stop_token_ids(cfg, templated, chat_template="{{ messages[0].content }}") == [1]
+    rendered = templated.apply_chat_template([{"role": "user", "content": "w7"}], tokenize=False)
+    assert rendered == "<start_of_turn>user\nw7<end_of_turn>\n"

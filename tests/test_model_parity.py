@@ -106,7 +106,7 @@ def test_off_switch_qk_norm(hf_zoo):
     path, hf = hf_zoo("qwen3")
     model = load_pretrained(path)
     for attn in _attn_modules(model):
-        attn.cfg = attn.cfg.replace(qk_norm=False)
+        attn.cfg = attn.cfg.replace(qk_norm="none")
     assert _max_diff(model, hf, _ids(model.config.vocab_size)) > 1e-2
 
 
@@ -163,7 +163,7 @@ def test_off_switch_gqa_grouping(hf_zoo, monkeypatch):
     model = load_pretrained(path, attention_impl="xla")
     ids = _ids(model.config.vocab_size)
 
-    def tiled(q, k, v, mask):
+    def tiled(q, k, v, mask, **_):
         g = q.shape[2] // k.shape[2]
         k, v = jnp.tile(k, (1, 1, g, 1)), jnp.tile(v, (1, 1, g, 1))
         s = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(q.shape[-1])

@@ -39,9 +39,9 @@ def _batch(rows: int = 8, t: int = 16, seed: int = 0) -> dict:
 
 def test_mesh_axes_are_auto():
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert mesh.axis_types == (AxisType.Auto,) * 3
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert mesh.axis_types == (AxisType.Auto,) * 4
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     assert make_mesh({"data": -1}).shape["data"] == len(jax.devices())
 
 
@@ -82,7 +82,7 @@ def _placed(mesh):
 def _grads(mesh, batch):
     graphdef, params, frozen = _placed(mesh)
     fn = jax.jit(functools.partial(loss_and_grads, mesh=mesh), static_argnums=0)
-    grads, (loss, correct, n_loss, _) = fn(graphdef, params, frozen, shard_batch(batch, mesh), jax.random.key(0))
+    grads, (loss, correct, n_loss, _, _) = fn(graphdef, params, frozen, shard_batch(batch, mesh), jax.random.key(0))
     return params, grads, float(loss)
 
 

@@ -9,6 +9,7 @@ A family's config translation is a tuple of parts: the shared ones here plus its
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from jaxtune.model.config import ROPE_TYPES, ModelConfig, UnsupportedConfigError
@@ -124,33 +125,90 @@ def rope_params(hf: Any, layer_type: str | None = None) -> dict:
     return params
 
 
-def rope_fields(params: dict) -> dict:
-    """ModelConfig rope fields from one `rope_params` dict, refusing scalings the model does not implement."""
+def _longrope(params: dict, hf: Any) -> dict:
+    """longrope's factors and its cos/sin factor, defaulted as transformers does: from `factor`, else from
+    max_position_embeddings / original_max_position_embeddings."""
+    original = params.get("original_max_position_embeddings") or get(hf, "original_max_position_embeddings")
+    factor = params.get("factor") or get(hf, "max_position_embeddings") / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return dict(rope_short_factor=tuple(map(float, params["short_factor"])),
+                rope_long_factor=tuple(map(float, params["long_factor"])), rope_factor=float(factor),
+                rope_original_max_position=int(original), rope_attention_factor=float(attention))
+
+
+def rope_fields(params: dict, hf: Any = None, *, partial: bool = False) -> dict:
+    """ModelConfig rope fields from one `rope_params` dict, refusing scalings the model does not implement
+    (and a partial rotary factor unless the family rotates part of each head, `partial`)."""
     rtype = params["rope_type"]
+    if rtype in ("su", "yarn") and partial:  # Phi-3's old names for longrope, as transformers maps them
+        rtype = "longrope"
     if rtype not in ROPE_TYPES:
         raise UnsupportedConfigError(
             f"rope_scaling/rope_parameters rope_type={rtype!r} is not supported; expected one of {ROPE_TYPES}")
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UnsupportedConfigError("rope partial_rotary_factor != 1 is not supported")
-    return dict(rope_theta=float(params["rope_theta"]), rope_type=rtype,
-                rope_factor=float(params.get("factor", 1.0)),
-                rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                rope_original_max_position=int(params.get("original_max_position_embeddings", 8192)))
+    fraction = float(params.get("partial_rotary_factor", 1.0))
+    if fraction != 1.0 and not partial:
+        raise UnsupportedConfigError("rope partial_rotary_factor != 1 is not supported for this family")
+    fields = dict(rope_theta=float(params["rope_theta"]), rope_type=rtype,
+                  rope_factor=float(params.get("factor", 1.0)),
+                  rope_low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                  rope_high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+                  rope_original_max_position=int(params.get("original_max_position_embeddings", 8192)))
+    if partial:
+        fields["partial_rotary_factor"] = fraction
+    if rtype == "longrope":
+        fields.update(_longrope(params, hf))
+    return fields
 
 
 def rope_parameters(cfg: ModelConfig) -> dict:
     """The inverse of `rope_fields`: one `rope_parameters` dict."""
     rope = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
-    if cfg.rope_type in ("linear", "llama3"):
+    if cfg.rope_type in ("linear", "llama3", "longrope"):
         rope["factor"] = cfg.rope_factor
     if cfg.rope_type == "llama3":
         rope.update(low_freq_factor=cfg.rope_low_freq_factor, high_freq_factor=cfg.rope_high_freq_factor,
                     original_max_position_embeddings=cfg.rope_original_max_position)
+    if cfg.rope_type == "longrope":
+        rope.pop("factor")
+        rope.update(short_factor=list(cfg.rope_short_factor), long_factor=list(cfg.rope_long_factor),
+                    original_max_position_embeddings=cfg.rope_original_max_position)
+        derived = _longrope(rope, cfg)  # written only where they differ from what transformers derives
+        for key, field in (("factor", "rope_factor"), ("attention_factor", "rope_attention_factor")):
+            if derived[field] != getattr(cfg, field):
+                rope[key] = getattr(cfg, field)
+    if cfg.partial_rotary_factor != 1.0:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor
     return rope
 
 
 ROPE = Part(lambda hf: rope_fields(rope_params(hf)), lambda cfg: {"rope_parameters": rope_parameters(cfg)})
+# RoPE over the first `partial_rotary_factor` of each head, with longrope (Phi-3 / Phi-4-mini).
+def _write_partial_rope(cfg: ModelConfig) -> dict:
+    out = {"rope_parameters": {"partial_rotary_factor": 1.0, **rope_parameters(cfg)}}
+    if cfg.rope_type == "longrope":
+        out["original_max_position_embeddings"] = cfg.rope_original_max_position
+    return out
+
+
+PARTIAL_ROPE = Part(lambda hf: rope_fields(rope_params(hf), hf, partial=True), _write_partial_rope)
+
+# The MLP activations a family may name (`hidden_act` or Gemma 2/3's `hidden_activation`) → ModelConfig's.
+HF_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def activation(field: str) -> Part:
+    """The gate activation read from `field`, refusing any other."""
+
+    def read(hf: Any) -> dict:
+        act = get(hf, field, "silu")
+        if act not in HF_ACTIVATIONS:
+            raise UnsupportedConfigError(f"{field}={act!r} is not supported; expected one of {sorted(HF_ACTIVATIONS)}")
+        return {"hidden_act": HF_ACTIVATIONS[act]}
+
+    names = {ours: hf for hf, ours in HF_ACTIVATIONS.items() if hf != "swish"}
+    return Part(read, lambda cfg: {field: names[cfg.hidden_act]})
 
 # What every Llama-style family shares; a family adds its bias and sliding-window parts.
 LLAMA_CORE = (DIMS, TOKENS, SILU_MLP, ROPE)

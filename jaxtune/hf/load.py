@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from jaxtune.hf.families import Family, family, from_hf_config
-from jaxtune.hf.safetensors import CheckpointError, read_header, read_safetensors
+from jaxtune.hf.safetensors import CheckpointError, Tensor, read_header, read_safetensors
 from jaxtune.hf.tensors import Gather
 from jaxtune.model.config import ModelConfig, UnsupportedConfigError
 from jaxtune.model.sharding import variable_sharding
@@ -116,9 +116,23 @@ def load_hf_config(model_dir: str | Path):
         raise CheckpointError(f"{path}: transformers cannot read it: {reason}") from None
 
 
+def generation_eos(model_dir: str | Path) -> tuple[int, ...]:
+    """The stop ids `generation_config.json` lists (none when it is absent or names none)."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a valid generation config ({e})") from None
+    ids = [eos] if isinstance(eos, int) else eos or []
+    if not all(isinstance(i, int) for i in ids):
+        raise CheckpointError(f"{path}: eos_token_id {eos!r} is not a token id or a list of them")
+    return tuple(ids)
+
+
 def read_config(model_dir: str | Path, **runtime):
     """(the `transformers` config, ModelConfig) of an HF model dir; every refusal names its config.json."""
     hf = load_hf_config(model_dir)
+    runtime.setdefault("generation_eos_token_id", generation_eos(model_dir))
     try:
         return hf, from_hf_config(hf, **runtime)
     except UnsupportedConfigError as e:
@@ -129,10 +143,11 @@ def load_config(model_dir: str | Path, **runtime) -> ModelConfig:
     return read_config(model_dir, **runtime)[1]
 
 
-def _model_path(path: tuple, scanned: bool) -> tuple[tuple, int | None]:
-    """A per-layer NNX path → (the model's path, the layer index when that leaf is a stack of layers)."""
-    if scanned and len(path) > 1 and isinstance(path[1], int):
-        return (path[0], *path[2:]), path[1]
+def _model_path(path: tuple, cfg: ModelConfig) -> tuple[tuple, int | None]:
+    """A per-layer NNX path → (the model's path, the index in its stack when that leaf stacks layers)."""
+    if cfg.scan_layers and len(path) > 1 and isinstance(path[1], int):
+        name, j = cfg.stack_slot(path[1])
+        return (name, *path[2:]), j
     return path, None
 
 
@@ -177,7 +192,7 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
 
     def put(pairs, source):
         for nnx_path, arr in pairs:
-            p, layer = _model_path(nnx_path, cfg.scan_layers)
+            p, layer = _model_path(nnx_path, cfg)
             if layer is None:
                 place(p, arr, source)
             else:
@@ -189,7 +204,7 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
         _refuse_integer(fam, file, name, arr.dtype)
         hit = table.match_hf(name)
         paths = [] if hit is None else table.nnx_paths(hit.rule, hit.layer)
-        targets = [_model_path(p, cfg.scan_layers)[0] for p in paths]
+        targets = [_model_path(p, cfg)[0] for p in paths]
         if hit is None or not all(t in flat for t in targets):
             tied_head = targets and cfg.tie_word_embeddings and all(t[0] == "lm_head" for t in targets)
             if fam.ignores(name) or tied_head:
@@ -199,15 +214,29 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
         put(gather.add(hit, arr), f"{file}: tensor {name!r}")
     put(gather.finish(), model_dir)
     for p, per_layer in stacked.items():
-        if sorted(per_layer) != list(range(cfg.num_hidden_layers)):
-            raise CheckpointError(f"{model_dir}: {'/'.join(map(str, p))} found for layers {sorted(per_layer)}, "
-                                  f"expected 0..{cfg.num_hidden_layers - 1}")
-        place(p, np.stack([per_layer[i] for i in range(cfg.num_hidden_layers)]), model_dir)
+        layers = cfg.layer_stacks[p[0]]
+        if sorted(per_layer) != list(range(len(layers))):
+            found = sorted(layers[j] for j in per_layer)
+            raise CheckpointError(f"{model_dir}: {'/'.join(map(str, p[1:]))} found for layers {found}, "
+                                  f"expected {list(layers)}")
+        place(p, np.stack([per_layer[j] for j in range(len(layers))]), model_dir)
     missing = [p for p in flat if p not in filled]
     if missing:
         names = ", ".join("/".join(map(str, p)) for p in missing[:5])
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) the config needs: {names}")
     return filled
+
+
+def kept_tensors(model_dir: str | Path, fam: Family) -> list[Tensor]:
+    """The checkpoint's tensors outside the language model (`Family.kept`: a vision tower), each read from its
+    file only when written, for a merged export to carry through unchanged."""
+    out = []
+    for file, header in weight_headers(Path(model_dir), fam).items():
+        for name, (dtype, shape) in (header or {}).items():
+            if fam.keeps(name):
+                out.append(Tensor(name, shape, dtype, lambda f=file, n=name: next(
+                    a for k, a in read_safetensors(f) if k == n)))
+    return out
 
 
 def load_tokenizer(path: str | Path):

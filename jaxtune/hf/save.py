@@ -32,33 +32,48 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
 
 
+def _adapters(model) -> dict[tuple, tuple]:
+    """NNX path of each adapted weight → (lora_A, lora_B, scale, merge function): Linear adapters, and the MoE
+    experts' PEFT-layout ones, which `moe.merged_expert_weight` folds into every expert's slice."""
+    from jaxtune.model.layers import merged_weight
+    from jaxtune.model.moe import EXPERT_PARAMETERS, Experts, merged_expert_weight
+
+    out = {}
+    for path, node in nnx.iter_graph(model):
+        if getattr(node, "lora_A", None) is not None:
+            out[(*path, "weight")] = (node.lora_A, node.lora_B, node.lora_scale, merged_weight)
+        elif isinstance(node, Experts):
+            for name in EXPERT_PARAMETERS:
+                lora_a = getattr(node, f"{name}_lora_A")
+                if lora_a is not None:
+                    out[(*path, name)] = (lora_a, getattr(node, f"{name}_lora_B"), getattr(node, f"{name}_lora_scale"),
+                                          merged_expert_weight)
+    return out
+
+
 def hf_tensors(model, dtype=None) -> list[Tensor]:
     """Every weight of `model` under its HF name, LoRA merged (fp32 math, one cast to `dtype` or the
     parameter's own dtype). A tied head has no `lm_head.weight`, as in HF checkpoints."""
-    from jaxtune.model.layers import merged_weight
-
     cfg: ModelConfig = model.config
-    adapters = {}
-    for path, node in nnx.iter_graph(model):
-        if getattr(node, "lora_A", None) is not None:
-            adapters[(*path, "weight")] = node
+    adapters = _adapters(model)
     entries = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if "lora_A" in path or "lora_B" in path:
+        if isinstance(var, nnx.LoRAParam):
             continue
-        lin = adapters.get(path)
+        lora = adapters.get(path)
         out_dtype = dtype or var.dtype
-        stacked = cfg.scan_layers and path[0] == "layers"
-        for layer in (range(cfg.num_hidden_layers) if stacked else [None]):
-            def make(var=var, lin=lin, layer=layer, out_dtype=out_dtype):
-                take = (lambda x: x) if layer is None else (lambda x: x[layer])
+        stack = cfg.layer_stacks.get(path[0])
+        for j, layer in (enumerate(stack) if stack else [(None, None)]):
+            def make(var=var, lora=lora, j=j, out_dtype=out_dtype):
+                take = (lambda x: x) if j is None else (lambda x: x[j])
                 w = take(var[...])
-                if lin is None:
+                if lora is None:
                     return w.astype(out_dtype)
-                return merged_weight(w, take(lin.lora_A[...]), take(lin.lora_B[...]), lin.lora_scale, out_dtype)
+                lora_a, lora_b, scale, merge = lora
+                return merge(w, take(lora_a[...]), take(lora_b[...]), scale, out_dtype)
 
-            shape = var.shape[1:] if stacked else var.shape
-            per_layer = path if layer is None else (path[0], layer, *path[1:])
+            shape = var.shape[1:] if stack else var.shape
+            per_layer = path if layer is None else ("layers", layer, *path[1:])
             entries.append((per_layer, make, jax.ShapeDtypeStruct(shape, out_dtype)))
     return hf_outputs(family(cfg.model_type).tensors, entries, cfg)
 
@@ -93,6 +108,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype) -> dict:
     from transformers import AutoConfig
 
     fam = family(cfg.model_type)
+    if fam.text_config:
+        raise ValueError(f"a {cfg.model_type} model is the text tower of a multimodal checkpoint: export it with "
+                         "the source model directory (source_dir), whose config and vision tower it keeps")
     hf = AutoConfig.for_model(cfg.model_type, **fam.to_hf(cfg))
     hf.architectures = [fam.architecture]
     hf.dtype = dtype_name(dtype)
@@ -107,7 +125,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype) -> dict:
 # ModelConfig fields export may legitimately change (vocab resize, new special tokens) → config.json keys.
 _UPDATABLE = {"vocab_size": "vocab_size", "bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
               "pad_token_id": "pad_token_id"}
-_RUNTIME = ("scan_layers", "remat", "attention_impl")
+_RUNTIME = ("scan_layers", "remat", "attention_impl", "generation_eos_token_id")
 
 
 def hf_config_from_source(cfg: ModelConfig, source_dir: Path, dtype) -> dict:
@@ -127,7 +145,8 @@ def hf_config_from_source(cfg: ModelConfig, source_dir: Path, dtype) -> dict:
         if field not in _UPDATABLE:
             raise ValueError(f"{path}: {field}={theirs!r} but the exported model has {field}={ours!r}; "
                              "pass the source_dir the model was loaded from")
-        raw[_UPDATABLE[field]] = list(ours) if isinstance(ours, tuple) else ours
+        target = raw["text_config"] if family(cfg.model_type).text_config else raw
+        target[_UPDATABLE[field]] = list(ours) if isinstance(ours, tuple) else ours
     keys = [k for k in ("dtype", "torch_dtype") if k in raw] or ["dtype"]
     for k in keys:
         raw[k] = dtype_name(dtype)

@@ -1,4 +1,4 @@
-"""`LoraConfig`: which modules get adapters, with what rank, alpha and dropout (PEFT's meaning)."""
+"""`LoraConfig`: which modules and parameters get adapters, with what rank, alpha and dropout (PEFT's meaning)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,21 @@ class LoraConfigError(ValueError):
     """A LoRA configuration (recipe section or PEFT adapter_config.json) that cannot be applied as written."""
 
 
-def _as_names(value, field: str) -> str | tuple[str, ...]:
+def _as_names(value, field: str, allow_empty: bool = False) -> str | tuple[str, ...]:
     if isinstance(value, str):
         return value
-    if isinstance(value, Sequence) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, Sequence) and (value or allow_empty) and all(isinstance(v, str) for v in value):
         return tuple(value)
     raise LoraConfigError(f"lora.{field}: expected a module name, a list of names or a regex string, got {value!r}")
+
+
+def _as_parameters(value) -> tuple[str, ...] | None:
+    if value is None or (isinstance(value, Sequence) and not isinstance(value, str) and not value):
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str) and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise LoraConfigError(f"lora.target_parameters: expected a list of parameter names such as "
+                          f"['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'], got {value!r}")
 
 
 def _as_pattern(value, field: str, kind) -> tuple[tuple[str, Any], ...]:
@@ -36,7 +45,12 @@ class LoraConfig:
     `target_modules`: names (`q_proj`, a full path such as `model.layers.0.mlp.up_proj`), `"all-linear"`, or a
     regex string matched against the full module name. `rank_pattern`/`alpha_pattern` map a module pattern
     to its own rank/alpha (first match wins, as in PEFT); `layers_to_transform` limits list targets to those
-    layer indices."""
+    layer indices.
+
+    `target_parameters`: MoE expert tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, or full names
+    such as `model.layers.0.mlp.experts.down_proj`), matched on the full parameter name or a dotted suffix of it;
+    as in PEFT, `layers_to_transform` and `exclude_modules` do not apply to them, they take no dropout, and
+    `target_modules: []` adapts the experts alone (the default "all-linear" adds the decoder linears)."""
 
     rank: int = 16
     alpha: float = 32.0
@@ -48,6 +62,7 @@ class LoraConfig:
     layers_pattern: tuple[str, ...] | None = None
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    target_parameters: tuple[str, ...] | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -59,7 +74,15 @@ class LoraConfig:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise LoraConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
         set_("dropout", float(self.dropout))
-        set_("target_modules", _as_names(self.target_modules, "target_modules"))
+        set_("target_parameters", _as_parameters(self.target_parameters))
+        set_("target_modules", _as_names(self.target_modules, "target_modules", allow_empty=True))
+        if self.target_modules == () and not self.target_parameters:
+            raise LoraConfigError("lora.target_modules is empty and lora.target_parameters is not set: nothing would "
+                                  "be adapted; name the modules (or 'all-linear') or the expert parameters to adapt")
+        if self.target_parameters and self.dropout:
+            raise LoraConfigError(f"lora.dropout={self.dropout} with lora.target_parameters: an adapter on a parameter "
+                                  "has no dropout (the input cannot be factored out of W + B·A; PEFT refuses it "
+                                  "too); set lora.dropout: 0")
         if self.exclude_modules is not None:
             set_("exclude_modules", _as_names(self.exclude_modules, "exclude_modules"))
         if self.layers_to_transform is not None:

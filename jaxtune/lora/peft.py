@@ -1,4 +1,9 @@
-"""PEFT adapter directories: write one `peft` loads with identical logits, and load one onto a model."""
+"""PEFT adapter directories: write one `peft` loads with identical logits, and load one onto a model.
+
+Linear adapters sit at `<module>.lora_A.weight`; expert tensors (`target_parameters`) at their experts module,
+where PEFT nests one ParamWrapper per targeted tensor in `EXPERT_PARAMETERS` order, so with both tensors
+targeted `gate_up_proj`'s keys are `<experts>.base_layer.lora_A.weight` and `down_proj`'s `<experts>.lora_A.weight`.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,15 @@ from flax import nnx
 from jaxtune.files import atomic_dir
 from jaxtune.hf.safetensors import Tensor, write_safetensors
 from jaxtune.hf.save import save_tokenizer
-from jaxtune.lora.apply import apply_lora, linear_names, lora_sites, resolve_targets
+from jaxtune.lora.apply import (
+    apply_lora,
+    expert_lora_sites,
+    linear_names,
+    lora_sites,
+    module_targets,
+)
 from jaxtune.lora.config import LoraConfig, LoraConfigError
+from jaxtune.model.moe import EXPERT_PARAMETERS
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -24,7 +36,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _UNSUPPORTED = {
     "use_dora": False, "modules_to_save": None, "trainable_token_indices": None, "fan_in_fan_out": False,
     "bias": "none", "lora_bias": False, "use_qalora": False, "layer_replication": None,
-    "target_parameters": None, "alora_invocation_tokens": None, "megatron_config": None, "use_bdlora": None,
+    "alora_invocation_tokens": None, "megatron_config": None, "use_bdlora": None,
     "arrow_config": None, "kasa_config": None, "velora_config": None, "monteclora_config": None,
     "ensure_weight_tying": False,
 }
@@ -39,11 +51,25 @@ class AdapterError(ValueError):
 # ---------------------------------------------------------------------------------------------- PEFT out
 
 
+def _adapter_keys(model):
+    """(PEFT state-dict key prefix, what it adapts, layer or None, {"lora_A": variable, "lora_B": variable})
+    for every adapter of `model`: Linear ones, then expert tensors under PEFT's ParamWrapper nesting (a tensor
+    sits one `base_layer.` deeper for each tensor of the same module targeted after it)."""
+    for name, linear, layer in lora_sites(model):
+        yield f"{PEFT_PREFIX}{name}.", name, layer, {"lora_A": linear.lora_A, "lora_B": linear.lora_B}
+    experts = list(expert_lora_sites(model))
+    for name, module, param, layer in experts:
+        later = [p for _, m, p, i in experts if m is module and i == layer and
+                 EXPERT_PARAMETERS.index(p) > EXPERT_PARAMETERS.index(param)]
+        prefix = f"{PEFT_PREFIX}{name.rsplit('.', 1)[0]}.{'base_layer.' * len(later)}"
+        yield prefix, name, layer, {part: getattr(module, f"{param}_{part}") for part in ("lora_A", "lora_B")}
+
+
 def peft_config_dict(cfg: LoraConfig, model, base_model_name_or_path: str | None) -> dict:
     """adapter_config.json in PEFT 0.21's format; "all-linear" is written as the names it resolved to."""
     targets = cfg.target_modules
     if targets == "all-linear":
-        present = {n.rsplit(".", 1)[-1] for n in resolve_targets(cfg, model)}
+        present = {n.rsplit(".", 1)[-1] for n in module_targets(cfg, model)}
         targets = [n for n in linear_names(model) if n in present]
     return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
@@ -57,6 +83,7 @@ def peft_config_dict(cfg: LoraConfig, model, base_model_name_or_path: str | None
         "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
         "init_lora_weights": True, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
         "use_dora": False, "lora_bias": False,
+        "target_parameters": None if cfg.target_parameters is None else list(cfg.target_parameters),
     }
 
 
@@ -71,14 +98,14 @@ def save_peft_adapter(model, out_dir: str | Path, *, base_model_name_or_path: st
     if cfg is None:
         raise ValueError("save_peft_adapter: the model has no LoRA adapters (apply_lora or load_peft_adapter first)")
     tensors = []
-    for name, linear, layer in lora_sites(model):
-        for part, var in (("lora_A", linear.lora_A), ("lora_B", linear.lora_B)):
+    for prefix, _, layer, parts in _adapter_keys(model):
+        for part, var in parts.items():
             shape = var.shape if layer is None else var.shape[1:]
 
             def make(var=var, layer=layer):
                 return var[...] if layer is None else var[...][layer]
 
-            tensors.append(Tensor(f"{PEFT_PREFIX}{name}.{part}.weight", shape, var.dtype, make))
+            tensors.append(Tensor(f"{prefix}{part}.weight", shape, var.dtype, make))
     config = peft_config_dict(cfg, model, base_model_name_or_path)
     base = base_model_name_or_path
     guarded = {"the base model directory": base if base and Path(base).is_dir() else None, **(protect or {})}
@@ -108,11 +135,15 @@ def lora_config_from_peft(raw: dict, source: str = ADAPTER_CONFIG) -> LoraConfig
     if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
         raise AdapterError(f"{source}: init_lora_weights={init!r} also rewrites the base weights, so the adapter "
                            "alone does not reproduce the model; merge it with peft and load the merged model")
-    if raw.get("target_modules") is None:
+    parameters = raw.get("target_parameters") or None
+    if raw.get("target_modules") is None and not parameters:
         raise AdapterError(f"{source}: target_modules is missing")
+    modules = raw.get("target_modules")
     try:
         return LoraConfig(rank=raw.get("r", 8), alpha=raw.get("lora_alpha", 8),
-                          dropout=raw.get("lora_dropout", 0.0) or 0.0, target_modules=raw["target_modules"],
+                          dropout=raw.get("lora_dropout", 0.0) or 0.0,
+                          target_modules=() if modules is None else modules,
+                          target_parameters=parameters,
                           rslora=bool(raw.get("use_rslora", False)), exclude_modules=raw.get("exclude_modules") or None,
                           layers_to_transform=raw.get("layers_to_transform") or None,
                           layers_pattern=raw.get("layers_pattern") or None,
@@ -133,10 +164,11 @@ def _read_adapter_tensors(adapter_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _put(var, value: np.ndarray) -> None:
-    old = var[...]
-    sharding = getattr(old, "sharding", None)
-    var.set_value(jax.device_put(value.astype(var.dtype), sharding) if sharding is not None else jnp.asarray(
-        value, var.dtype))
+    """Keep a mesh placement `apply_lora` gave the leaf; otherwise stay uncommitted as `apply_lora`'s leaves are, so
+    the loaded model traces to the same program as a freshly adapted one (no recompilation)."""
+    sharding = getattr(var[...], "sharding", None)
+    var.set_value(jax.device_put(value.astype(var.dtype), sharding) if isinstance(
+        sharding, jax.sharding.NamedSharding) else jnp.asarray(value, var.dtype))
 
 
 def load_peft_adapter(model, adapter_dir: str | Path):
@@ -158,10 +190,9 @@ def load_peft_adapter(model, adapter_dir: str | Path):
     weights = adapter_dir / ADAPTER_WEIGHTS
     used = set()
     stacks: dict[int, tuple] = {}
-    for name, linear, layer in lora_sites(model):
-        for part in ("lora_A", "lora_B"):
-            key = f"{PEFT_PREFIX}{name}.{part}.weight"
-            var = getattr(linear, part)
+    for prefix, name, layer, parts in _adapter_keys(model):
+        for part, var in parts.items():
+            key = f"{prefix}{part}.weight"
             if key not in tensors:
                 raise AdapterError(f"{weights}: tensor {key!r} is missing but {cfg_path} targets {name}")
             arr = tensors[key]
@@ -183,5 +214,6 @@ def load_peft_adapter(model, adapter_dir: str | Path):
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise AdapterError(f"{weights}: tensor {unknown[0]!r} ({len(unknown)} unused) has no place in this model "
-                           f"under {cfg_path}; only LoRA A/B of {', '.join(linear_names(model))} are supported")
+                           f"under {cfg_path}; only LoRA A/B of {', '.join(linear_names(model))} and of the MoE "
+                           f"expert tensors ({', '.join(EXPERT_PARAMETERS)}) are supported")
     return model

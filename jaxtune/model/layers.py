@@ -87,22 +87,37 @@ class Embed(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """HF semantics: normalise in fp32, cast back to the input dtype, then scale."""
+    """HF semantics per `style` (see `config.NORM_STYLES`): normalise in fp32; `llama` casts back to the input
+    dtype, then scales; `fp32` scales in fp32, then casts; `gemma` scales by (1 + w) in fp32, then casts."""
 
-    def __init__(self, dim: int, eps: float, *, param_dtype, axes=("embed",)):
-        self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+    def __init__(self, dim: int, eps: float, *, param_dtype, axes=("embed",), style: str = "llama"):
+        self.eps, self.style = eps, style
+        init = jnp.zeros if style == "gemma" else jnp.ones
+        self.weight = nnx.Param(init((dim,), param_dtype), axes=axes)
 
     def __call__(self, x: Array) -> Array:
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+        w = self.weight[...]
+        if self.style == "llama":
+            return w.astype(x.dtype) * xf.astype(x.dtype)
+        w = w.astype(jnp.float32)
+        return (xf * (1.0 + w if self.style == "gemma" else w)).astype(x.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> Array:
-    """Inverse frequencies incl. `linear` and `llama3` scaling, computed exactly as transformers does (fp32)."""
-    dim = cfg.head_dim
-    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+ACT = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+       "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, factors=None) -> Array:
+    """Inverse frequencies over the rotary dims incl. `linear` and `llama3` scaling (or longrope `factors`),
+    computed exactly as transformers does (fp32)."""
+    dim = cfg.rotary_dim
+    theta = cfg.rope_theta if theta is None else theta
+    exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    if factors is not None:
+        return 1.0 / (jnp.asarray(factors, jnp.float32) * theta ** exponent)
+    inv = 1.0 / (theta ** exponent)
     if cfg.rope_type == "linear":
         inv = inv / cfg.rope_factor
     elif cfg.rope_type == "llama3":
@@ -117,25 +132,53 @@ def rope_inv_freq(cfg: ModelConfig) -> Array:
     return inv
 
 
-def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
-    """rotate_half RoPE (HF layout) on `x[B, T, H, D]` at integer `positions[B, T]`."""
+def rope_frequencies(cfg: ModelConfig, positions: Array, sliding: Array | bool) -> Array:
+    """The inverse frequencies one attention call uses. Sliding layers may have their own base (Gemma 3), and
+    longrope picks its long factors for the whole call once `max(positions) + 1` passes the original context,
+    as transformers does per forward (during decoding too)."""
+    if cfg.rope_type == "longrope":
+        long = jnp.max(positions) + 1 > cfg.rope_original_max_position
+        inv = jnp.where(long, rope_inv_freq(cfg, factors=cfg.rope_long_factor),
+                        rope_inv_freq(cfg, factors=cfg.rope_short_factor))
+    else:
+        inv = rope_inv_freq(cfg)
+    if cfg.sliding_rope_theta is None or (isinstance(sliding, bool) and not sliding):
+        return inv
+    local = 1.0 / (cfg.sliding_rope_theta ** (jnp.arange(0, cfg.rotary_dim, 2, dtype=jnp.float32) / cfg.rotary_dim))
+    return jnp.where(sliding, local, inv)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array, scale: float = 1.0) -> Array:
+    """rotate_half RoPE (HF layout) on the first `2·len(inv_freq)` dims of `x[B, T, H, D]` at integer
+    `positions[B, T]`, cos/sin times `scale` (longrope's attention factor); the other dims pass through."""
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb)[:, :, None, :], jnp.sin(emb)[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    xf = x.astype(jnp.float32)
-    return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    cos, sin = scale * jnp.cos(emb)[:, :, None, :], scale * jnp.sin(emb)[:, :, None, :]
+    rot, rest = x[..., :emb.shape[-1]], x[..., emb.shape[-1]:]
+    half = rot.shape[-1] // 2
+    rotated = jnp.concatenate([-rot[..., half:], rot[..., :half]], axis=-1)
+    out = (rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+    return out if rest.shape[-1] == 0 else jnp.concatenate([out, rest], axis=-1)
 
 
 class MLP(nnx.Module):
+    """`down(act(gate(x)) · up(x))`; Phi-3 computes gate and up as one `gate_up_proj` (gate first)."""
+
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, bias=b, axes=("mlp", "embed"), **kw)
-        self.up_proj = Linear(d, f, bias=b, axes=("mlp", "embed"), **kw)
+        self.hidden_act, self.fused = cfg.hidden_act, cfg.fused_gate_up
+        if self.fused:
+            self.gate_up_proj = Linear(d, 2 * f, bias=b, axes=("mlp", "embed"), **kw)
+        else:
+            self.gate_proj = Linear(d, f, bias=b, axes=("mlp", "embed"), **kw)
+            self.up_proj = Linear(d, f, bias=b, axes=("mlp", "embed"), **kw)
         self.down_proj = Linear(f, d, bias=b, axes=("embed", "mlp"), **kw)
 
     def __call__(self, x: Array, rngs: tuple | None = None) -> Array:
         r = rngs or (None,) * 3
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, r[0])) * self.up_proj(x, r[1]), r[2])
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x, r[0]), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, r[0]), self.up_proj(x, r[1])
+        return self.down_proj(ACT[self.hidden_act](gate) * up, r[2])

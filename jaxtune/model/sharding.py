@@ -5,12 +5,14 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-# Each logical axis maps to a mesh axis (or None: replicated). Batch goes over data×fsdp.
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# Each logical axis maps to a mesh axis (or None: replicated). Batch goes over data×fsdp×expert: expert
+# parallelism splits the experts of an MoE layer over `expert` and the examples of every other layer.
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "layers": None,
     "vocab": "tensor",
     "embed": "fsdp",
@@ -19,11 +21,12 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "lora_rank": None,
+    "expert": "expert",
 }
 
 
 def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
-    """Mesh over (`data`, `fsdp`, `tensor`); one `-1` entry takes the remaining devices. Axes are Auto so
+    """Mesh over (`data`, `fsdp`, `expert`, `tensor`); one `-1` entry takes the remaining devices. Axes are Auto so
     tensor-parallel matmuls don't need explicit-sharding annotations."""
     devices = list(devices if devices is not None else jax.devices())
     shape = dict(shape or {"data": -1})
@@ -75,13 +78,13 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, rules: dict | None = None) 
 
 
 def batch_spec(ndim: int = 2, accum: bool = False, rules: dict | None = None, mesh: Mesh | None = None) -> P:
-    """Spec for a `[B, T]` batch (or `[K, B, T]` gradient-accumulation batch): examples over data×fsdp."""
+    """Spec for a `[B, T]` batch (or `[K, B, T]` gradient-accumulation batch): examples over data×fsdp×expert."""
     axes = (None, "batch") if accum else ("batch",)
     return logical_to_spec((*axes, *(None,) * (ndim - len(axes))), rules, mesh)
 
 
 def shard_batch(batch: dict, mesh: Mesh, accum: bool = False, rules: dict | None = None) -> dict:
-    """Host numpy batch → global arrays sharded over data×fsdp. Each process passes its local rows, so the
+    """Host numpy batch → global arrays sharded over data×fsdp×expert. Each process passes its local rows, so the
     same call serves one CPU and a multi-host slice."""
     out = {}
     for name, arr in batch.items():
@@ -92,7 +95,7 @@ def shard_batch(batch: dict, mesh: Mesh, accum: bool = False, rules: dict | None
 
 
 def activation_spec(ndim: int = 3, rules: dict | None = None, mesh: Mesh | None = None) -> P:
-    """`[B, T, …]` activations: batch over data×fsdp, the rest left to the compiler."""
+    """`[B, T, …]` activations: batch over data×fsdp×expert, the rest left to the compiler."""
     return logical_to_spec(("batch", *(None,) * (ndim - 1)), rules, mesh)
 
 

@@ -38,13 +38,13 @@ def build_mesh(cfg: RecipeConfig, devices=None) -> jax.sharding.Mesh:
 
 
 def micro_rows(cfg: RecipeConfig, mesh) -> int:
-    """Rows per micro-batch; must split evenly over data×fsdp."""
+    """Rows per micro-batch; must split evenly over data×fsdp×expert."""
     k = cfg.optim.grad_accum_steps
     rows = cfg.train.batch_size // k
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     if rows % shards:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} / optim.grad_accum_steps={k} = {rows} rows per "
-                          f"micro-batch do not split over mesh data×fsdp = {shards} devices; use a multiple of "
+                          f"micro-batch do not split over mesh data×fsdp×expert = {shards} devices; use a multiple of "
                           f"{shards * k}")
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must divide over {jax.process_count()} hosts")
@@ -192,7 +192,11 @@ def lower_train_step(cfg: RecipeConfig, model_cfg: ModelConfig, mesh: jax.shardi
     batch = abstract_batch(cfg, mesh)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     args = (trainable, parts.frozen, opt_state, batch, rng)
-    compiled = parts.train_step.lower(parts.graphdef, *args).compile()
+    # XLA:CPU computes in fp32 and would hoist every layer's converted weights out of the scanned loop; an
+    # accelerator keeps them bf16. With the hoisting off, one layer's copy is live at a time, which is what an
+    # accelerator's estimate should count (the executable is only for this estimate).
+    compiled = parts.train_step.lower(parts.graphdef, *args).compile(
+        compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})
     plan = Plan(mesh=mesh, model_config=model.config, n_params=model.config.num_params(),
                 n_trainable=count_params(trainable), batch_shape=batch["input_ids"].shape, memory=_memory(compiled),
                 param_specs=parts.param_specs, abstract_args=args)

@@ -14,8 +14,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxtune.model.moe import load_balancing_loss
 from jaxtune.model.sharding import constrain_activations
 from jaxtune.train.loss import token_loss_sums
 from jaxtune.train.optim import accumulate_grads
@@ -28,33 +30,43 @@ def as_microbatches(batch: dict) -> dict:
 
 
 def loss_sums(model, mb: dict, rng=None, loss_chunk: int | None = None, mesh: Mesh | None = None):
-    """`(nll_sum, correct_sum, n_loss_tokens)` in fp32 for one `[b, T]` micro-batch."""
-    hidden = model.hidden_states(mb["input_ids"], mb["segment_ids"], mb["positions"], dropout_rng=rng)
+    """`(nll_sum, correct_sum, n_loss_tokens, router_aux_loss)` in fp32 for one `[b, T]` micro-batch; the
+    auxiliary loss is HF's load-balancing loss over this micro-batch's real tokens (0 for a dense model)."""
+    hidden, stats = model.hidden_states(mb["input_ids"], mb["segment_ids"], mb["positions"], dropout_rng=rng,
+                                        router_stats=True)
     hidden = constrain_activations(hidden, mesh)
-    return token_loss_sums(model, hidden, mb["targets"], mb["loss_mask"], loss_chunk)
+    aux = jnp.zeros((), jnp.float32) if stats is None else load_balancing_loss(stats)
+    return (*token_loss_sums(model, hidden, mb["targets"], mb["loss_mask"], loss_chunk), aux)
 
 
 def loss_and_grads(graphdef, trainable, frozen, batch: dict, rng, *, loss_chunk: int | None = None,
                    mesh: Mesh | None = None, token_rows: TokenRows | None = None):
-    """Gradients of (total NLL / total loss tokens) w.r.t. `trainable` over the micro-batches (see
-    `optim.accumulate_grads`), plus `(loss, correct, n_loss_tokens, n_tokens)`."""
+    """Gradients of (total NLL / total loss tokens + the MoE auxiliary loss, weighted by the config's
+    `router_aux_loss_coef` and averaged over micro-batches) w.r.t. `trainable` over the micro-batches (see
+    `optim.accumulate_grads`), plus `(loss, correct, n_loss_tokens, n_tokens, router_aux_loss)`."""
     batch = as_microbatches(batch)
-    rngs = jax.random.split(rng, batch["input_ids"].shape[0])
+    k = batch["input_ids"].shape[0]
+    rngs = jax.random.split(rng, k)
+    # accumulate_grads divides the summed objective by the batch's loss tokens: the auxiliary term enters
+    # pre-multiplied by that count, known from the mask before any forward.
+    n_total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def sums(params, mb):
         mb, r = mb
         model = merge_model(graphdef, params, frozen, token_rows)
-        nll, correct, n = loss_sums(model, mb, r, loss_chunk, mesh)
-        return nll, n, {"correct": correct, "tokens": jnp.sum((mb["segment_ids"] > 0).astype(jnp.float32))}
+        nll, correct, n, aux = loss_sums(model, mb, r, loss_chunk, mesh)
+        metrics = {"correct": correct, "tokens": jnp.sum((mb["segment_ids"] > 0).astype(jnp.float32)),
+                   "router_aux_loss": aux / k}
+        return nll + model.config.router_aux_loss_coef * n_total / k * aux, n, metrics
 
     loss, grads, n_loss, m = accumulate_grads(sums, trainable, (batch, rngs))
-    return grads, (loss, m["correct"], n_loss, m["tokens"])
+    return grads, (loss, m["correct"], n_loss, m["tokens"], m["router_aux_loss"])
 
 
 def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: optax.GradientTransformation,
                loss_chunk: int | None = None, mesh: Mesh | None = None, token_rows: TokenRows | None = None):
     """One optimizer step (`token_rows`: see `vocab.split_model`)."""
-    grads, (loss, correct, n_loss, n_tokens) = loss_and_grads(graphdef, trainable, frozen, batch, rng,
+    grads, (loss, correct, n_loss, n_tokens, aux) = loss_and_grads(graphdef, trainable, frozen, batch, rng,
                                                               loss_chunk=loss_chunk, mesh=mesh,
                                                               token_rows=token_rows)
     # `clip_by_global_norm` inside `tx` computes this norm again in the branch below (XLA cannot share a value
@@ -77,6 +89,8 @@ def train_step(graphdef, trainable, frozen, opt_state, batch: dict, rng, *, tx: 
         "tokens": n_tokens,
         "finite": finite,
     }
+    if merge_model(graphdef, trainable, frozen, token_rows).config.router_aux_loss_coef:
+        metrics["router_aux_loss"] = aux
     return new_params, new_opt_state, metrics
 
 
@@ -87,7 +101,7 @@ def eval_step(graphdef, trainable, frozen, batch: dict, *, loss_chunk: int | Non
     batch = as_microbatches(batch)
     sums = [loss_sums(model, {k: v[i] for k, v in batch.items()}, None, loss_chunk, mesh)
             for i in range(batch["input_ids"].shape[0])]
-    nll, correct, n = (sum(s[j] for s in sums) for j in range(3))
+    nll, correct, n = (sum(s[j] for s in sums) for j in range(3))  # the MoE auxiliary loss is a training term
     return {"nll_sum": nll, "correct_sum": correct, "loss_tokens": n}
 
 

@@ -8,12 +8,11 @@ scores, and neither pass materialises them.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from jaxtune.model.attention.mask import NEG_INF, is_self, static_bool
+from jaxtune.model.attention.mask import NEG_INF, is_self, scaled_q, score_scale, static_bool
 
 Array = jax.Array
 # Blocks per side at most: each block diagonal is one unrolled step, so this bounds graph size and compile time.
@@ -74,15 +73,20 @@ def _diag_mask(qi, ki, qs, ks, window, sliding) -> Array:
     return m[:, :, None, None]
 
 
-def _masked_scores(qb, kb, qi, ki, qs, ks, window, sliding, g):
-    """Scores `[n, B, K, G·bq, bk]` (fp32) of a diagonal, invisible entries at NEG_INF."""
+def _masked_scores(qb, kb, qi, ki, qs, ks, window, sliding, g, softcap):
+    """Scores `[n, B, K, G·bq, bk]` (fp32) of a diagonal, soft-capped, invisible entries at NEG_INF; and the
+    cap's slope 1 - tanh² that the backward multiplies into dS (None without a cap)."""
     s = jnp.einsum("nbkrd,nbksd->nbkrs", qb, kb, preferred_element_type=jnp.float32)
+    slope = None
+    if softcap is not None:
+        t = jnp.tanh(s / softcap)
+        s, slope = t * softcap, 1.0 - t * t
     n, b, kh, r, bk = s.shape
     s = jnp.where(_diag_mask(qi, ki, qs, ks, window, sliding), s.reshape(n, b, kh, g, r // g, bk), NEG_INF)
-    return s.reshape(n, b, kh, r, bk)
+    return s.reshape(n, b, kh, r, bk), slope
 
 
-def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, *, window, diags, g):
+def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, *, window, diags, g, softcap):
     """Online softmax over block diagonals. Layout is block-major so a diagonal is a contiguous slice and
     every matmul has its batch axes leading (no transposes): `q` `[nq, B, K, G·bq, D]` (pre-scaled; the G
     query heads of a KV head stacked as rows), `k,v` `[nk, B, K, bk, D]`, indices `[n, B, b]`. Returns out
@@ -92,7 +96,7 @@ def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, *, window, diags, g
     acc = jnp.zeros(q.shape, jnp.float32)
     for o, a, e in diags:
         qs, ks = slice(a, e), slice(a - o, e - o)
-        s = _masked_scores(q[qs], k[ks], q_idx[qs], k_idx[ks], q_seg[qs], k_seg[ks], window, sliding, g)
+        s, _ = _masked_scores(q[qs], k[ks], q_idx[qs], k_idx[ks], q_seg[qs], k_seg[ks], window, sliding, g, softcap)
         m_new = jnp.maximum(m[qs], jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
         corr = jnp.exp(m[qs] - m_new)
@@ -106,7 +110,7 @@ def _flash_fwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, *, window, diags, g
     return out, jnp.where(seen, m + jnp.log(l_safe), jnp.inf)
 
 
-def _flash_bwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, out, lse, dout, *, window, diags, g):
+def _flash_bwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, out, lse, dout, *, window, diags, g, softcap):
     """Recompute each diagonal's probabilities from `lse` (keeping the forward's would cost O(T²) memory);
     accumulate dq, dk, dv in fp32."""
     cdt = q.dtype
@@ -117,20 +121,21 @@ def _flash_bwd(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding, out, lse, dout, *, 
     for o, a, e in diags:
         qs, ks = slice(a, e), slice(a - o, e - o)
         qb, kb, dob = q[qs], k[ks], dout[qs].astype(cdt)
-        s = _masked_scores(qb, kb, q_idx[qs], k_idx[ks], q_seg[qs], k_seg[ks], window, sliding, g)
+        s, slope = _masked_scores(qb, kb, q_idx[qs], k_idx[ks], q_seg[qs], k_seg[ks], window, sliding, g, softcap)
         p = jnp.exp(s - lse[qs][..., None])
         dv = dv.at[ks].add(jnp.einsum("nbkrs,nbkrd->nbksd", p.astype(cdt), dob, preferred_element_type=jnp.float32))
         dp = jnp.einsum("nbkrd,nbksd->nbkrs", dob, v[ks], preferred_element_type=jnp.float32)
-        ds = (p * (dp - delta[qs][..., None])).astype(cdt)
+        ds = p * (dp - delta[qs][..., None])
+        ds = (ds if slope is None else ds * slope).astype(cdt)
         dq = dq.at[qs].add(jnp.einsum("nbkrs,nbksd->nbkrd", ds, kb, preferred_element_type=jnp.float32))
         dk = dk.at[ks].add(jnp.einsum("nbkrs,nbkrd->nbksd", ds, qb, preferred_element_type=jnp.float32))
     return dq, dk, dv
 
 
 @functools.lru_cache(maxsize=None)
-def _flash(window: int | None, diags: tuple, g: int):
-    """custom_vjp flash attention for one static tiling (cached so equal tilings share one function)."""
-    static = dict(window=window, diags=diags, g=g)
+def _flash(window: int | None, diags: tuple, g: int, softcap: float | None):
+    """custom_vjp flash attention for one static tiling and cap (cached so equal ones share one function)."""
+    static = dict(window=window, diags=diags, g=g, softcap=softcap)
 
     @jax.custom_vjp
     def f(q, k, v, q_idx, k_idx, q_seg, k_seg, sliding):
@@ -150,8 +155,10 @@ def _flash(window: int | None, diags: tuple, g: int):
 
 
 def attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array,
-                        window: int | None, sliding: Array | bool = True, block: int | None = None) -> Array:
+              window: int | None, sliding: Array | bool = True, scale: float | None = None,
+              softcap: float | None = None, block: int | None = None) -> Array:
     """Flash attention in pure JAX; lengths that are not a block multiple are padded with invisible slots.
+    `scale` is folded into q; the soft-cap applies to the scaled scores inside the kernel.
 
     Cached queries (not self-attention) use one query block of all rows against key blocks, so a decode
     step is not padded to a block of rows."""
@@ -172,14 +179,14 @@ def attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg
     nq, nk = tp // bq, sp // bk
     reach = window_blocks(window, bk) if causal and static_sliding else None
     diags = diagonals(nq, nk, causal, reach)
-    scale = jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     # [B, T, K·G, D] → [nq, B, K, G·bq, D]; keys/values → [nk, B, K, bk, D]; indices → [n, B, b].
     qt = jnp.transpose(_pad_to(q, tp, 1, 0).reshape(b, nq, bq, kh, g, d), (1, 0, 3, 4, 2, 5)).reshape(
-        nq, b, kh, g * bq, d) * scale
+        nq, b, kh, g * bq, d)
+    qt = scaled_q(qt, score_scale(d, scale))
     kt = jnp.transpose(_pad_to(k, sp, 1, 0).reshape(b, nk, bk, kh, d), (1, 0, 3, 2, 4))
     vt = jnp.transpose(_pad_to(v, sp, 1, 0).reshape(b, nk, bk, kh, d), (1, 0, 3, 2, 4))
     blocked = lambda x, n, m: jnp.transpose(x.reshape(b, n, m), (1, 0, 2))  # noqa: E731
-    out = _flash(window, diags, g)(qt, kt, vt, blocked(q_idx_p, nq, bq), blocked(k_idx_p, nk, bk),
-                                   blocked(q_seg_p, nq, bq), blocked(k_seg_p, nk, bk), jnp.asarray(sliding))
+    out = _flash(window, diags, g, softcap)(qt, kt, vt, blocked(q_idx_p, nq, bq), blocked(k_idx_p, nk, bk),
+                                            blocked(q_seg_p, nq, bq), blocked(k_seg_p, nk, bk), jnp.asarray(sliding))
     out = jnp.transpose(out.reshape(nq, b, kh, g, bq, d), (1, 0, 4, 2, 3, 5)).reshape(b, tp, h, d)[:, :t]
     return out.astype(q.dtype)

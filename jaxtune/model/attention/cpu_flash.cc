@@ -10,6 +10,7 @@
 // k_idx <= q_idx, q_seg == k_seg != 0, and (window < 0 || !sliding || q_idx - window < k_idx): the rule of
 // visibility in mask.py. Key tiles that no row of a query tile can see (by min/max slot index) are skipped,
 // which for causal self-attention skips the upper triangle. Rows that see no key give out 0 and lse +inf.
+// Scores are q·k·scale, soft-capped as HF does (cap·tanh(s/cap), before the mask) when the cap is > 0.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -86,6 +87,12 @@ static inline v16 vexp(v16 x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+
+// tanh of 16 floats as 1 - 2/(exp(2x) + 1): exact at both tails through vexp's clamping; near 0 its absolute
+// error (~1e-7) is far below what a softmax over capped scores notices.
+static inline v16 vtanh(v16 x) { return 1.0f - 2.0f / (vexp(x + x) + 1.0f); }
+// HF's logit soft-cap, cap·tanh(x/cap), for cap > 0 (callers test for 0, no cap, outside their loops' math).
+static inline v16 vcap(v16 x, float cap) { return vtanh(x * (1.0f / cap)) * cap; }
 
 struct Shape {
   int64_t B, T, S, H, K, D, G;
@@ -186,14 +193,16 @@ struct KeyTile {
     std::memcpy(o, x, sizeof(x));
   }
 
-  // Scores of one query row (pre-scaled) against the tile; `vis` holds the visibility mask (all ones or
-  // zero per lane). Returns whether any key is visible.
-  bool scores(const float* qs, int32_t qi, int32_t qg, const Mask& m, v16* sc, v16i* vis) const {
+  // Scores of one query row (pre-scaled) against the tile, soft-capped by `cap` (> 0); `vis` holds the
+  // visibility mask (all ones or zero per lane). Returns whether any key is visible.
+  bool scores(const float* qs, int32_t qi, int32_t qg, const Mask& m, float cap, v16* sc, v16i* vis) const {
     for (int c = 0; c < NV; ++c) sc[c] = v16{};
     for (int d = 0; d < D; ++d) {
       const v16 qd = splat(qs[d]);
       for (int c = 0; c < NV; ++c) sc[c] += qd * vload(&kt[d][c * 16]);
     }
+    if (cap > 0.0f)
+      for (int c = 0; c < NV; ++c) sc[c] = vcap(sc[c], cap);
     const bool win = m.window >= 0 && m.sliding;
     // Keys with slot > qi - window are in the window; clamp so the bound fits in int32.
     const int32_t lo = static_cast<int32_t>(std::max<int64_t>(static_cast<int64_t>(qi) - m.window,
@@ -238,7 +247,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F fn) {
 
 template <int D>
 void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
-             const Mask& m, float scale, float* out, float* lse) {
+             const Mask& m, float scale, float cap, float* out, float* lse) {
   const int64_t nqb = (s.T + BQ - 1) / BQ, nkb = (s.S + BK - 1) / BK;
   // One work item per (b, KV head, query tile): each key tile loaded serves the tile's rows of all G heads.
   parallel_for(pool, s.B * s.K * nqb, [&](int64_t item) {
@@ -265,7 +274,7 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float*
         if (qg == 0) continue;  // padding sees no key: skip its scores too
         for (int64_t g = 0; g < G; ++g) {
           const int64_t rg = r * G + g;
-          if (!tile.scores(&qs[rg * D], qi, qg, m, sc, vis)) continue;
+          if (!tile.scores(&qs[rg * D], qi, qg, m, cap, sc, vis)) continue;
           v16 top16 = splat(mx[rg]);
           for (int c = 0; c < NV; ++c) top16 = vmax(top16, vis[c] ? sc[c] : splat(NEG));
           const v16 top_lanes = hmax_lanes(top16);
@@ -300,7 +309,7 @@ void forward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float*
 // does, spends most of its time on per-row reductions when a row's dot product is only 8 wide.)
 template <int D>
 void forward_rows(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
-                  const Mask& m, float scale, float* out, float* lse) {
+                  const Mask& m, float scale, float cap, float* out, float* lse) {
   constexpr int R = 16, NR = BQ / R;
   const int64_t nqb = (s.T + BQ - 1) / BQ, nkb = (s.S + BK - 1) / BK;
   const bool win = m.window >= 0 && m.sliding;
@@ -348,6 +357,7 @@ void forward_rows(ffi::ThreadPool& pool, const Shape& s, const float* q, const f
           for (int j = 0; j < tile.cols; ++j) {
             v16 x = v16{};
             for (int d = 0; d < D; ++d) x += qg[d] * tile.kb[j][d];
+            if (cap > 0.0f) x = vcap(x, cap);
             if (!all) {
               v16i ok = (tile.idx[j] <= qidx[gr]) & (qseg[gr] == tile.seg[j]) & (tile.seg[j] != 0);
               if (win) ok &= tile.idx[j] > lo_win;
@@ -386,17 +396,17 @@ void forward_rows(ffi::ThreadPool& pool, const Shape& s, const float* q, const f
 // registers (docs/benchmarks.md has the comparison).
 template <int D>
 void forward_any(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
-                 const Mask& m, float scale, float* out, float* lse) {
+                 const Mask& m, float scale, float cap, float* out, float* lse) {
   if constexpr (D <= 16)
-    forward_rows<D>(pool, s, q, k, v, m, scale, out, lse);
+    forward_rows<D>(pool, s, q, k, v, m, scale, cap, out, lse);
   else
-    forward<D>(pool, s, q, k, v, m, scale, out, lse);
+    forward<D>(pool, s, q, k, v, m, scale, cap, out, lse);
 }
 
 template <int D>
 void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float* k, const float* v,
-              const Mask& m, float scale, const float* out, const float* lse, const float* dout, float* dq,
-              float* dk, float* dv) {
+              const Mask& m, float scale, float cap, const float* out, const float* lse, const float* dout,
+              float* dq, float* dk, float* dv) {
   const int64_t nkb = (s.S + BK - 1) / BK, nqb = (s.T + BQ - 1) / BQ;
   // One work item per (b, KV head): it owns dq of its G query heads and dk/dv of its KV head, so no
   // accumulation is shared between threads.
@@ -453,7 +463,7 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
             if (!std::isfinite(row_lse)) continue;
             float* qs = qsb[n];
             for (int d = 0; d < D; ++d) qs[d] = q[off + d] * scale;
-            if (!tile.scores(qs, qi, qg, m, sc, vis)) continue;
+            if (!tile.scores(qs, qi, qg, m, cap, sc, vis)) continue;
             const float* dor = dout + off;
             v16 dp[NV] = {};
             for (int d = 0; d < D; ++d) {
@@ -464,6 +474,8 @@ void backward(ffi::ThreadPool& pool, const Shape& s, const float* q, const float
             for (int c = 0; c < NV; ++c) {
               pvb[n][c] = vis[c] ? vexp(sc[c] - row_lse) : v16{};
               dsb[n][c] = pvb[n][c] * (dp[c] - dl);
+              // Through the cap: d(cap·tanh(x/cap))/dx = 1 - tanh², and tanh = capped score / cap.
+              if (cap > 0.0f) dsb[n][c] *= 1.0f - sc[c] * sc[c] * (1.0f / (cap * cap));
               std::memcpy(&ds[c * 16], &dsb[n][c], sizeof(v16));
             }
             dob[n] = dor;
@@ -513,12 +525,12 @@ Mask mask_of(const Shape& s, ffi::Buffer<ffi::S32>& q_idx, ffi::Buffer<ffi::S32>
 ffi::Error Fwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                ffi::Buffer<ffi::S32> q_idx, ffi::Buffer<ffi::S32> k_idx, ffi::Buffer<ffi::S32> q_seg,
                ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> sliding, ffi::ResultBuffer<ffi::F32> out,
-               ffi::ResultBuffer<ffi::F32> lse, int64_t window, float scale) {
+               ffi::ResultBuffer<ffi::F32> lse, int64_t window, float scale, float softcap) {
   const Shape s = shape_of(q, k);
   if (auto e = check(s); e.failure()) return e;
   const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_FWD(N) \
-  if (s.D == N) return forward_any<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, out->typed_data(), lse->typed_data()), ffi::Error::Success();
+  if (s.D == N) return forward_any<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, softcap, out->typed_data(), lse->typed_data()), ffi::Error::Success();
   JAXTUNE_HEAD_DIMS(JAXTUNE_FWD)
 #undef JAXTUNE_FWD
   return ffi::Error::InvalidArgument("unsupported head_dim for the CPU flash kernel");
@@ -528,13 +540,14 @@ ffi::Error Bwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F
                ffi::Buffer<ffi::S32> q_idx, ffi::Buffer<ffi::S32> k_idx, ffi::Buffer<ffi::S32> q_seg,
                ffi::Buffer<ffi::S32> k_seg, ffi::Buffer<ffi::S32> sliding, ffi::Buffer<ffi::F32> out,
                ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-               ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t window, float scale) {
+               ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, int64_t window, float scale,
+               float softcap) {
   const Shape s = shape_of(q, k);
   if (auto e = check(s); e.failure()) return e;
   const Mask m = mask_of(s, q_idx, k_idx, q_seg, k_seg, sliding, window);
 #define JAXTUNE_BWD(N)                                                                                   \
   if (s.D == N)                                                                                          \
-    return backward<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale,               \
+    return backward<N>(pool, s, q.typed_data(), k.typed_data(), v.typed_data(), m, scale, softcap,      \
                        out.typed_data(), lse.typed_data(), dout.typed_data(), dq->typed_data(),          \
                        dk->typed_data(), dv->typed_data()),                                              \
            ffi::Error::Success();
@@ -564,7 +577,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneFlashFwd, Fwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneFlashBwd, Bwd,
                               BindAttentionInputs()
@@ -575,4 +589,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneFlashBwd, Bwd,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("window")
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<float>("softcap"));

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
-import math
 import os
 import platform
 import shutil
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.cache import cache_dir
+from jaxtune.model.attention.mask import score_scale
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -134,15 +134,16 @@ def _kernel_dim(d: int) -> int:
     return next(n for n in HEAD_DIMS if n >= d)
 
 
-def _call(name, results, *args, window, scale):
+def _call(name, results, *args, window, scale, softcap):
     fn = jax.ffi.ffi_call(name, results, vmap_method="sequential")
-    return fn(*args, window=np.int64(window), scale=np.float32(scale))
+    return fn(*args, window=np.int64(window), scale=np.float32(scale), softcap=np.float32(softcap))
 
 
 @functools.lru_cache(maxsize=None)
-def _flash(window: int, scale: float):
-    """custom_vjp pair of FFI calls for one static (window, scale)."""
-    attrs = dict(window=window, scale=scale)
+def _flash(window: int, scale: float, softcap: float):
+    """custom_vjp pair of FFI calls for one static (window, scale, softcap); the kernel reads window -1 as
+    none and softcap 0 as no cap."""
+    attrs = dict(window=window, scale=scale, softcap=softcap)
 
     def forward(q, k, v, *mask):
         b, t, h, _ = q.shape
@@ -168,7 +169,8 @@ def _flash(window: int, scale: float):
 
 
 def attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array,
-              window: int | None, sliding: Array | bool = True) -> Array:
+              window: int | None, sliding: Array | bool = True, scale: float | None = None,
+              softcap: float | None = None) -> Array:
     """Attention of `q[B,T,H,D]` over `k,v[B,S,K,D]` under the visibility rule (`mask.py`), in fp32."""
     if not supports(q, k):
         raise ValueError(f"cpu_flash supports head_dim <= {HEAD_DIMS[-1]} and query heads divisible by KV "
@@ -182,5 +184,6 @@ def attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg
     d = q.shape[-1]
     pad = lambda x: jnp.pad(f32(x), [(0, 0)] * 3 + [(0, _kernel_dim(d) - d)])  # noqa: E731
     mask = (i32(q_idx), i32(k_idx), i32(q_seg), i32(k_seg), i32(sliding).reshape(1))
-    out = _flash(-1 if window is None else int(window), 1.0 / math.sqrt(d))(pad(q), pad(k), pad(v), *mask)
+    flash = _flash(-1 if window is None else int(window), score_scale(d, scale), 0.0 if softcap is None else softcap)
+    out = flash(pad(q), pad(k), pad(v), *mask)
     return out[..., :d].astype(q.dtype)

@@ -1,4 +1,5 @@
-"""`cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+"""`cudnn`: cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16). It takes a score
+`scale` but has no logit soft-capping: a `softcap` is refused (`auto` never picks this backend for one).
 
 Causality is its `is_causal`; rows holding one sequence plus right padding use its sequence-length
 arguments, and packed rows (several segment ids) add the segment-equality mask, chosen at run time.
@@ -29,6 +30,12 @@ def cudnn_args(q_seg: Array, window: int | None) -> tuple[dict, dict]:
     return single, packed
 
 
+def check_softcap(softcap: float | None) -> None:
+    if softcap is not None:
+        raise ValueError(f"attention_impl='cudnn': cuDNN attention cannot soft-cap attention logits "
+                         f"(softcap={softcap}); use attention_impl 'auto', 'xla' or 'blockwise'")
+
+
 def single_segment_rows(seg: Array) -> Array:
     """True when every row is one non-zero segment id followed only by padding (0)."""
     t = seg.shape[1]
@@ -38,21 +45,24 @@ def single_segment_rows(seg: Array) -> Array:
 
 
 def attention(q: Array, k: Array, v: Array, *, q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array,
-              window: int | None, sliding: Array | bool = True, implementation: str = "cudnn") -> Array:
+              window: int | None, sliding: Array | bool = True, scale: float | None = None,
+              softcap: float | None = None, implementation: str = "cudnn") -> Array:
     """cuDNN flash attention for self-attention; cached decode/prefill (no causal-by-position structure)
     uses the dense reference. A traced per-layer `sliding` flag selects between the windowed and the plain
     call at run time. `implementation="xla"` runs the same arguments through JAX's reference
     `dot_product_attention`, which is how the argument construction is tested without a GPU."""
+    check_softcap(softcap)
     if not is_self(q, k, q_idx, k_idx):
         return xla.attention(q, k, v, q_idx=q_idx, k_idx=k_idx, q_seg=q_seg, k_seg=k_seg, window=window,
-                             sliding=sliding)
+                             sliding=sliding, scale=scale)
     static_sliding = static_bool(sliding) if window is not None else False
 
     def call(win):
         single, packed = cudnn_args(q_seg, win)
 
         def attend(kw):
-            return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation=implementation, **kw)
+            return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation,
+                                                                **kw)
 
         return lambda q, k, v: jax.lax.cond(single_segment_rows(q_seg), attend(single), attend(packed), q, k, v)
 

@@ -6,6 +6,8 @@ Key slot `k` is visible from query slot `q` (slots are indices in the sequence o
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -22,6 +24,17 @@ def visibility(q_idx: Array, k_idx: Array, q_seg: Array, k_seg: Array, window: i
     if window is not None:
         mask = mask & (jnp.logical_not(sliding) | (qi - window < ki))
     return mask
+
+
+def score_scale(d: int, scale: float | None) -> float:
+    """The factor scores are multiplied by: `scale`, or 1/sqrt(head_dim) when None."""
+    return 1.0 / math.sqrt(d) if scale is None else float(scale)
+
+
+def scaled_q(q: Array, scale: float) -> Array:
+    """`q * scale` in q's dtype for kernels that fold the scale into q, multiplied in fp32 so that a scale
+    like Gemma's 224**-0.5 is not itself rounded to bf16 (a bias on every score)."""
+    return (q.astype(jnp.float32) * scale).astype(q.dtype)
 
 
 def static_bool(x) -> bool | None:
