@@ -173,3 +173,19 @@ def test_mixed_dense_and_moe_layers_scan_in_two_stacks_with_hf_aux_loss(hf_zoo):
     assert abs(loss0 - (nll + 0.5 * aux0)) < 1e-4
     dense = g1["dense_layers"]["mlp"]["gate_proj"]["weight"][...][0]
     assert np.allclose(dense, g0["layers"][1]["mlp"]["gate_proj"]["weight"][...], atol=1e-6)
+
+
+def test_config_spellings_transformers_maps():
+    """Gemma 1's legacy `hidden_act="gelu"` is the tanh GeLU and Phi-3's `su` RoPE is longrope, as transformers
+    maps them; Gemma 2's bidirectional attention (an encoder) is refused."""
+    import transformers
+
+    from jaxtune.hf.families import from_hf_config
+    from jaxtune.model.config import UnsupportedConfigError
+
+    assert from_hf_config(transformers.GemmaConfig(hidden_act="gelu")).hidden_act == "gelu_tanh"
+    su = dict(type="su", short_factor=[1.0] * 48, long_factor=[2.0] * 48)
+    assert from_hf_config(transformers.Phi3Config(rope_scaling=su, original_max_position_embeddings=4096,
+                                                  max_position_embeddings=16384)).rope_type == "longrope"
+    with pytest.raises(UnsupportedConfigError, match="use_bidirectional_attention"):
+        from_hf_config(transformers.Gemma2Config(use_bidirectional_attention=True))

@@ -1,7 +1,8 @@
 """The decoder-only transformer shared by every supported family (nanoGPT-sized on purpose).
 
-Tree (HF names minus the `model.` prefix): `embed_tokens.weight`, `layers[i].self_attn.{q,k,v,o}_proj`,
-`layers[i].mlp.{gate,up,down}_proj`, `layers[i].{input,post_attention}_layernorm`, `norm`, `lm_head`.
+Tree (HF names minus the `model.` prefix): `embed_tokens.weight`, `layers[i].self_attn.{q,k,v,o}_proj` (or
+Phi-3's fused `qkv_proj`), `layers[i].mlp.{gate,up,down}_proj` (or `gate_up_proj`, or an MoE's `gate` and
+`experts`), the layer's norms where its layout puts them (`NORM_SLOTS`), `norm`, `lm_head`.
 With `scan_layers` the layers are one stacked `DecoderLayer` whose leaves carry a leading layer axis (two
 stacks, `layers` and `dense_layers`, where dense and MoE layers are mixed: see `ModelConfig.layer_stacks`).
 """
@@ -164,6 +165,7 @@ class Transformer(nnx.Module):
         self.config, self.dtype = cfg, dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+
         def stacked(n: int, moe: bool):
             @nnx.split_rngs(splits=n)
             @nnx.vmap(in_axes=(0,), out_axes=0)
