@@ -260,6 +260,10 @@ def _experts(prefix: str, gate: str, up: str, down: str) -> tuple:
         rule(f"{e}.{down}.weight", "layers/{i}/mlp/experts/down_proj", STACK),
     )
 
+_GEMMA3 = (DIMS, TOKENS, GEMMA3_ROPE, activation("hidden_activation"), ATTENTION_BIAS, LAYER_TYPES, GEMMA,
+           GEMMA2_ATTENTION, fixed(qk_norm="head"))
+_GEMMA3_TENSORS = _LLAMA_TENSORS + _SANDWICH_TENSORS + _QK_NORM_TENSORS
+
 # ---------------------------------------------------------------------------------------- the families
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
@@ -274,16 +278,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma2", "Gemma2ForCausalLM", (DIMS, TOKENS, ROPE, activation("hidden_activation"), ATTENTION_BIAS,
                                            LAYER_TYPES, GEMMA, GEMMA2_ATTENTION),
            Table(_LLAMA_TENSORS + _SANDWICH_TENSORS)),
-    Family("gemma3_text", "Gemma3ForCausalLM", (DIMS, TOKENS, GEMMA3_ROPE, activation("hidden_activation"),
-                                                ATTENTION_BIAS, LAYER_TYPES, GEMMA, GEMMA2_ATTENTION,
-                                                fixed(qk_norm="head")),
-           Table(_LLAMA_TENSORS + _SANDWICH_TENSORS + _QK_NORM_TENSORS)),
+    Family("gemma3_text", "Gemma3ForCausalLM", _GEMMA3, Table(_GEMMA3_TENSORS)),
     # The text tower of a multimodal Gemma 3 checkpoint; its vision tower is kept as it is.
-    Family("gemma3", "Gemma3ForConditionalGeneration", (DIMS, TOKENS, GEMMA3_ROPE, activation("hidden_activation"),
-                                                        ATTENTION_BIAS, LAYER_TYPES, GEMMA, GEMMA2_ATTENTION,
-                                                        fixed(qk_norm="head")),
-           Table(_LLAMA_TENSORS + _SANDWICH_TENSORS + _QK_NORM_TENSORS, prefix="language_model.model.",
-                 head_prefix="language_model."),
+    Family("gemma3", "Gemma3ForConditionalGeneration", _GEMMA3,
+           Table(_GEMMA3_TENSORS, prefix="language_model.model.", head_prefix="language_model."),
            text_config=True, kept=(r"vision_tower\..*", r"multi_modal_projector\..*"),
            module_prefix="model.language_model."),
     Family("phi3", "Phi3ForCausalLM", (DIMS, TOKENS, SILU_MLP, PARTIAL_ROPE, UNIFORM_WINDOW,

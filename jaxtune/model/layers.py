@@ -109,15 +109,18 @@ ACT = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=Tr
        "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
-def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, factors=None) -> Array:
-    """Inverse frequencies over the rotary dims incl. `linear` and `llama3` scaling (or longrope `factors`),
-    computed exactly as transformers does (fp32)."""
+def rope_inv_freq(cfg: ModelConfig, theta: float | None = None, factors=None, scaled: bool = True) -> Array:
+    """Inverse frequencies over the rotary dims for base `theta` (default the config's), with the config's
+    `linear` or `llama3` scaling unless `scaled` is off, or divided by longrope `factors`; computed exactly as
+    transformers does (fp32)."""
     dim = cfg.rotary_dim
     theta = cfg.rope_theta if theta is None else theta
     exponent = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     if factors is not None:
         return 1.0 / (jnp.asarray(factors, jnp.float32) * theta ** exponent)
     inv = 1.0 / (theta ** exponent)
+    if not scaled:
+        return inv
     if cfg.rope_type == "linear":
         inv = inv / cfg.rope_factor
     elif cfg.rope_type == "llama3":
@@ -144,8 +147,7 @@ def rope_frequencies(cfg: ModelConfig, positions: Array, sliding: Array | bool) 
         inv = rope_inv_freq(cfg)
     if cfg.sliding_rope_theta is None or (isinstance(sliding, bool) and not sliding):
         return inv
-    local = 1.0 / (cfg.sliding_rope_theta ** (jnp.arange(0, cfg.rotary_dim, 2, dtype=jnp.float32) / cfg.rotary_dim))
-    return jnp.where(sliding, local, inv)
+    return jnp.where(sliding, rope_inv_freq(cfg, cfg.sliding_rope_theta, scaled=False), inv)
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: Array, scale: float = 1.0) -> Array:
