@@ -7,6 +7,11 @@ atomic exchange (Linux `renameat2(RENAME_EXCHANGE)`): the old or the new export 
 instant. Where the filesystem lacks it, two renames via `.NAME.old-TAG` are used and `recover` (run before
 every export) finishes a swap cut between them. A live writer holds a `flock` on its temp dir, so recovery
 never removes another process's work in progress.
+
+A URL target (`gs://bucket/…`, anything `etils.epath` reads) has no rename to swap with: the directory is
+written to a local temp dir (under `$TMPDIR`), then copied up file by file, with the marker saying `complete:
+false` first and `complete: true` last, so a cut upload is recognisable and the next export replaces it. Only
+entries a previous jaxtune export there listed in its marker are ever removed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import re
 import shutil
 import stat
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +37,32 @@ from jaxtune.version import __version__
 MARKER = ".jaxtune-export.json"  # in every directory jaxtune exports: what, when, which entries it wrote
 _MAX_CHECKED = 10_000  # entries walked before a forced replace gives up looking for run directories
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+URL_PACKAGES = "gs:// needs `pip install gcsfs google-cloud-storage`"
+
+
+def is_url(path) -> bool:
+    """`gs://bucket/…` and other `scheme://` locations (read and written through `etils.epath`)."""
+    return isinstance(path, (str, os.PathLike)) and "://" in os.fspath(path)
+
+
+def as_path(path: str | os.PathLike):
+    """`etils.epath.Path` for a URL, `pathlib.Path` otherwise: `Path("gs://b/x")` would read `gs:/b/x`."""
+    if is_url(path):
+        from etils import epath
+
+        return epath.Path(path)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def url_access(path):
+    """A URL's filesystem package missing (`gs://` without gcsfs) becomes one OSError saying what to install."""
+    try:
+        yield
+    except ImportError as e:
+        raise OSError(f"{path}: {e}; {URL_PACKAGES}, or use a local path") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -87,10 +119,22 @@ def _walk_for_protected(out: Path) -> None:
                              "it; remove it yourself or choose a new --out directory")
 
 
+def _refuse_non_export_dir(out) -> None:
+    """An existing target that is a file or a run directory is never replaced."""
+    if not out.is_dir():
+        raise ValueError(f"export target {out} exists and is not a directory; choose a new --out directory")
+    if _is_run_dir(out):
+        raise ValueError(f"export target {out} is a run directory (it has checkpoints/ or metrics.jsonl); jaxtune "
+                         "never replaces one; choose a new --out directory")
+
+
 def check_target(out: str | Path, *, force: bool = False, protect: dict[str, str | Path | None] | None = None) -> bool:
     """Raise ValueError unless `out` (resolved) may be replaced: absent, empty, a previous jaxtune export
     holding only what it wrote, or (with `force`) any directory that is not read-only and is not, and does
-    not contain, the current directory, a run directory or a `protect` path (label → path). True if it exists."""
+    not contain, the current directory, a run directory or a `protect` path (label → path). True if it exists.
+    A URL target is checked by `_check_remote`."""
+    if is_url(out):
+        return _check_remote(as_path(out), force=force, protect=protect) is not None
     out = Path(out).resolve()
     checks = {"the current directory": Path.cwd(), "your home directory": os.path.expanduser("~"), **(protect or {})}
     for label, path in checks.items():
@@ -102,11 +146,7 @@ def check_target(out: str | Path, *, force: bool = False, protect: dict[str, str
             raise ValueError(f"export target {out} {what} {label} ({path}); choose a new --out directory")
     if not out.exists():
         return False
-    if not out.is_dir():
-        raise ValueError(f"export target {out} exists and is not a directory; choose a new --out directory")
-    if _is_run_dir(out):
-        raise ValueError(f"export target {out} is a run directory (it has checkpoints/ or metrics.jsonl); jaxtune "
-                         "never replaces one; choose a new --out directory")
+    _refuse_non_export_dir(out)
     if not os.access(out, os.W_OK) or not out.stat().st_mode & stat.S_IWUSR:
         raise ValueError(f"export target {out} is read-only; make it writable (chmod u+w) or choose a new --out "
                          "directory")
@@ -266,12 +306,16 @@ def _recover_one(out: Path, kind: str, path: Path, new: Path | None) -> None:
 # ------------------------------------------------------------------------------------------- the context
 
 
-def _write_marker(tmp: Path, kind: str, complete: bool) -> None:
-    files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
+def _marker_text(kind: str, complete: bool, files: list[str]) -> str:
     info = {"jaxtune_export": kind, "jaxtune_version": __version__, "complete": complete,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    return json.dumps(info, indent=2) + "\n"
+
+
+def _write_marker(tmp: Path, kind: str, complete: bool) -> None:
+    files = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
     with open(tmp / MARKER, "w") as f:
-        f.write(json.dumps(info, indent=2) + "\n")
+        f.write(_marker_text(kind, complete, files))
         if complete:
             f.flush()
             os.fsync(f.fileno())
@@ -301,7 +345,12 @@ def atomic_dir(out_dir: str | Path, *, kind: str = "export", force: bool = False
                protect: dict[str, str | Path | None] | None = None):
     """Yield a fresh temp dir beside `out_dir`; on success it replaces `out_dir` atomically, on any error it
     is deleted and `out_dir` is untouched. Refuses (ValueError, before writing) a target that `check_target`
-    does not allow; `kind` is recorded in the marker so a later export recognises its own directory."""
+    does not allow; `kind` is recorded in the marker so a later export recognises its own directory. A URL
+    target is written locally, then uploaded (`_uploaded_dir`)."""
+    if is_url(out_dir):
+        with _uploaded_dir(as_path(out_dir), kind=kind, force=force, protect=protect) as tmp:
+            yield tmp
+        return
     out = Path(out_dir).resolve()
     recover(out)
     check_target(out, force=force, protect=protect)
@@ -325,3 +374,69 @@ def atomic_dir(out_dir: str | Path, *, kind: str = "export", force: bool = False
         finally:
             if not swapped and tmp.exists():
                 _discard(tmp)
+
+
+# ------------------------------------------------------------------------------------------- URL targets
+
+
+def _check_remote(out, *, force: bool, protect: dict[str, str | Path | None] | None) -> list[str] | None:
+    """What a URL target's previous jaxtune export wrote there (`[]` for an empty directory; None if absent).
+    Refuses (ValueError) a file, a run directory, a `protect` path, and entries no jaxtune export listed unless
+    `force`, which writes beside them: nothing jaxtune did not write is removed."""
+    for label, path in (protect or {}).items():
+        if path is not None and is_url(path):
+            p, o = str(path).rstrip("/"), str(out).rstrip("/")
+            if o == p or p.startswith(o + "/"):
+                raise ValueError(f"export target {out} {'is' if o == p else 'contains'} {label} ({path}); choose a "
+                                 "new --out directory")
+    with url_access(out):
+        if not out.exists():
+            return None
+        _refuse_non_export_dir(out)
+        entries = [p.name for p in out.iterdir()]
+        marker = _read_marker(out)
+    listed = sorted(set((marker or {}).get("files") or ()))
+    extra = [n for n in entries if n != MARKER and n not in listed]
+    if extra and not force:
+        what = "the previous jaxtune export there did not write" if marker else "no jaxtune export wrote"
+        raise ValueError(f"export target {out} holds files {what} ({_listing(extra)}); move them out, or pass "
+                         "--force to write beside them (jaxtune never deletes them)")
+    if extra:
+        _say(f"writing beside {len(extra)} entries of {out} that jaxtune did not write ({_listing(extra)}); "
+             "left as they are")
+    return listed
+
+
+@contextlib.contextmanager
+def _uploaded_dir(out, *, kind: str, force: bool, protect: dict[str, str | Path | None] | None):
+    """Yield a local temp dir; on success copy it up to the URL `out` (see the module docstring)."""
+    _check_remote(out, force=force, protect=protect)
+    with tempfile.TemporaryDirectory(prefix=f"jaxtune-{out.name}-") as staging:
+        tmp = Path(staging)
+        yield tmp
+        previous = _check_remote(out, force=force, protect=protect) or []  # again: it may have changed meanwhile
+        with url_access(out):
+            _upload(tmp, out, kind, previous)
+
+
+def _upload(tmp: Path, out, kind: str, previous: list[str]) -> None:
+    """Copy `tmp` into `out` file by file: first a marker `complete: false` naming every entry jaxtune may leave
+    there (so an upload cut short is replaced by the next export), then the files, then the removal of the
+    previous export's entries not written again, and the marker `complete: true` last."""
+    files = sorted(p.name for p in tmp.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(_marker_text(kind, False, sorted(set(files) | set(previous))))
+    for src in sorted(tmp.rglob("*")):
+        dst = out / src.relative_to(tmp).as_posix()
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            continue
+        with open(src, "rb") as f, dst.open("wb") as g:
+            shutil.copyfileobj(f, g, 16 << 20)
+    for name in sorted(set(previous) - set(files)):
+        stale = out / name
+        if stale.is_dir():
+            stale.rmtree()
+        elif stale.exists():
+            stale.unlink()
+    (out / MARKER).write_text(_marker_text(kind, True, files))

@@ -106,13 +106,32 @@ class TrainSection:
 
 @dataclass(frozen=True)
 class OutputSection:
-    """`run_dir` holds checkpoints/, metrics.jsonl, tensorboard/, config.yaml and (with `export`)
-    export/{merged,adapter}."""
+    """`run_dir` (local) holds metrics.jsonl, tensorboard/, config.yaml, and by default checkpoints/ and (with
+    `export`) export/{merged,adapter}. `checkpoint_dir` and `export_dir` move those elsewhere, e.g. to a
+    `gs://bucket/…` URL that outlives a preemptible VM: `--resume` needs only the checkpoint dir (it holds the
+    recipe), the run dir may be gone."""
 
     run_dir: str
+    checkpoint_dir: str | None = None
     export: bool = False
+    export_dir: str | None = None
     tensorboard: bool = True
     progress: bool = True
+
+    def __post_init__(self):
+        _need("://" not in self.run_dir, "output.run_dir",
+              f"{self.run_dir!r} is a URL; the run dir is local (metrics and TensorBoard are appended to): put "
+              "checkpoints on it with output.checkpoint_dir and the export with output.export_dir")
+
+    @property
+    def checkpoints(self) -> str:
+        """Where the run's checkpoints go: `checkpoint_dir`, else `RUN/checkpoints`."""
+        return self.checkpoint_dir or str(Path(self.run_dir) / "checkpoints")
+
+    @property
+    def exports(self) -> str:
+        """Where the run's export goes: `export_dir`, else `RUN/export`."""
+        return self.export_dir or str(Path(self.run_dir) / "export")
 
 
 @dataclass

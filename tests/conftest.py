@@ -44,6 +44,18 @@ def stories_dir(assets_dir) -> Path:
     return assets_dir / "models" / "stories260K-hf"
 
 
+@pytest.fixture(scope="session")
+def short_alpaca(assets_dir, tmp_path_factory) -> Path:
+    """The 40 bundled Alpaca records with the shortest prompts (they fit a 128-token seq_len)."""
+    import json
+
+    records = json.loads((assets_dir / "data" / "alpaca_data_1k.json").read_text())
+    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]))[:40]
+    path = tmp_path_factory.mktemp("data") / "alpaca_40.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
 class _Zoo:
     """Builds each tiny HF variant once per test session: `zoo(name) -> (model_dir, torch_model)`."""
 

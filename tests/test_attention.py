@@ -164,6 +164,33 @@ def test_splash_scale_and_softcap_in_interpret_mode():
     check_against_reference(splash.attention, t=128, scale=0.7, softcap=2.0, window=40, sliding="traced")
 
 
+# Lengths that tile into several splash blocks at each block size `splash_kernel` picks (the largest of 512, 256
+# and 128 that divides t): 3 x 128, 3 x 256 and 2 x 512. Values and q/k/v gradients both go through the blocks.
+SPLASH_BLOCKS = [(384, 128), (768, 256), (1024, 512)]
+
+
+@pytest.mark.parametrize("t,block", SPLASH_BLOCKS)
+def test_splash_multi_block_packed_rows_in_interpret_mode(t, block):
+    """Causal splash over several q and kv blocks, with row 2's packed documents crossing every block boundary
+    (a segment id lost between blocks lets a document see its neighbour)."""
+    row = np.asarray(make_inputs(t=t)[4][2])
+    assert len(set(row.tolist()) - {0}) >= 3
+    assert all(row[i - 1] == row[i] != 0 for i in range(block, t, block))
+    check_against_reference(splash.attention, t=t)
+
+
+@pytest.mark.parametrize("t,window,sliding", [
+    pytest.param(384, 40, True, id="384-w40"),  # kv blocks two back are outside the window: skipped
+    pytest.param(384, 300, True, id="384-w300"),  # blocks one back are whole; the window edge cuts two back
+    pytest.param(1024, 600, True, id="1024-w600"),  # the edge cuts the 512-block one back
+    pytest.param(384, 40, False, id="384-w40-off"),  # a full-attention layer of a windowed model: causal
+])
+def test_splash_static_window_over_blocks_in_interpret_mode(t, window, sliding):
+    """A window known at trace time (a Python bool `sliding`) picks a local or a causal mask over several
+    blocks; a window one slot too wide or narrow, or applied to a full layer, moves every row past it."""
+    check_against_reference(splash.attention, t=t, window=window, sliding=sliding)
+
+
 def test_cudnn_arguments_carry_the_scale():
     check_against_reference(cudnn_as_xla, t=96, scale=0.7, window=16, sliding=True)
 
@@ -193,6 +220,7 @@ def test_auto_never_picks_cudnn_to_soft_cap(monkeypatch):
     """On GPU a soft-capped layer runs `blockwise` where cuDNN would otherwise run; the common interface hands
     the cap to that choice (cuDNN would raise)."""
     monkeypatch.setattr(attn, "platform", lambda: "gpu")
+    monkeypatch.setattr(cudnn, "supported_gpu", lambda: True)
     q = jnp.zeros((1, 256, 4, 64), jnp.bfloat16)
     assert attn.default_impl(q, q) == "cudnn"
     assert attn.default_impl(q, q, softcap=50.0) == "blockwise"
@@ -262,8 +290,11 @@ def test_default_impl_by_platform_and_shape(monkeypatch):
     assert attn.default_impl(decode, q) == "xla"
     assert attn.default_impl(q[:, :5], q[:, :5]) == "blockwise"
     monkeypatch.setattr(attn, "platform", lambda: "gpu")
+    monkeypatch.setattr(cudnn, "supported_gpu", lambda: True)
     assert attn.default_impl(q, q) == "cudnn"
     assert attn.default_impl(q.astype(jnp.float32), q.astype(jnp.float32)) == "blockwise"
+    monkeypatch.setattr(cudnn, "supported_gpu", lambda: False)  # a T4: cuDNN's fused attention needs Ampere+
+    assert attn.default_impl(q, q) == "blockwise"
     monkeypatch.setattr(attn, "platform", lambda: "tpu")
     assert attn.default_impl(q, q) == "splash"
     assert attn.default_impl(q[:, :200], q[:, :200]) == "blockwise"
@@ -346,3 +377,18 @@ def test_cudnn_scale_on_gpu():
 @pytest.mark.skipif(not ON_GPU, reason="bf16 blockwise on GPU (run by scripts/gpu_check.sh)")
 def test_blockwise_bf16_on_gpu():
     check_against_reference(blockwise.attention, t=256, window=16, sliding="traced", atol=3e-2, dtype=jnp.bfloat16)
+
+
+def test_cudnn_needs_an_ampere_gpu(monkeypatch):
+    """JAX's cuDNN fused attention refuses GPUs before Ampere (Colab's free T4 is 7.5): `auto` must not pick it."""
+    import types
+
+    def gpus(*caps):
+        return lambda: [types.SimpleNamespace(compute_capability=c) for c in caps]
+
+    monkeypatch.setattr(jax, "local_devices", gpus("7.5"))
+    assert not cudnn.supported_gpu()
+    monkeypatch.setattr(jax, "local_devices", gpus("8.0", "9.0"))
+    assert cudnn.supported_gpu()
+    monkeypatch.setattr(jax, "local_devices", lambda: [types.SimpleNamespace()])  # a CPU device
+    assert not cudnn.supported_gpu()

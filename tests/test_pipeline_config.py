@@ -41,6 +41,19 @@ def test_the_tiny_recipe_loads():
     assert cfg.rounds >= 1
 
 
+@pytest.mark.parametrize("switch", [[], ["evaluate.forgetting=false"], ["tune.forgetting=null"]])
+def test_a_later_evaluate_reads_round_0_forgetting_only_when_measured(tmp_path, switch):
+    """With forgetting switched off round 0 writes no forgetting baseline: round 1 must not wait for one."""
+    from jaxtune.pipeline.context import Context
+    from jaxtune.pipeline.stages import stage_inputs
+
+    ctx = Context(load_pipeline(_write(tmp_path), switch), tmp_path / "run")
+    run = tmp_path / "run"
+    inputs = {p.relative_to(run).as_posix() for p in stage_inputs(ctx, "evaluate", 1) if p.is_relative_to(run)}
+    assert "round-1/tune/merged" in inputs
+    assert ("round-0/evaluate/forgetting" in inputs) == (not switch)
+
+
 def test_the_8b_recipe_loads_without_its_model(monkeypatch):
     monkeypatch.chdir(REPO)  # its data paths are relative to the repo root, as the tiny recipe's model path
     cfg = load_pipeline(BIG)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -12,8 +13,9 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from jaxtune.model.config import ModelConfig
-from jaxtune.model.sharding import (DEFAULT_RULES, batch_spec, check_rules, is_multiprocess_env, logical_to_spec,
-                                    make_mesh, shard_batch, tree_shardings)
+from jaxtune.model.sharding import (DEFAULT_HEARTBEAT_TIMEOUT, DEFAULT_RULES, batch_spec, check_rules,
+                                    distributed_args, is_multiprocess_env, logical_to_spec, make_mesh,
+                                    maybe_initialize_distributed, shard_batch, tree_shardings)
 from jaxtune.model.transformer import Transformer
 from jaxtune.train.step import jit_train_step, loss_and_grads
 
@@ -70,6 +72,82 @@ def test_multiprocess_environment_detection():
     assert is_multiprocess_env({"SLURM_NTASKS": "4"})
     assert is_multiprocess_env({"OMPI_COMM_WORLD_SIZE": "2"})
     assert is_multiprocess_env({"TPU_WORKER_HOSTNAMES": "t1,t2"})
+
+
+def test_distributed_args_read_the_cluster_and_heartbeat_from_the_environment():
+    """JAX reads only JAX_COORDINATOR_ADDRESS itself: the process count and index are read here (None leaves
+    them to JAX's SLURM/Open MPI/TPU detection); the heartbeat timeout defaults to 10 s, not JAX's 100 s."""
+    env = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed_args(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3,
+                                     "heartbeat_timeout_seconds": DEFAULT_HEARTBEAT_TIMEOUT}
+    assert DEFAULT_HEARTBEAT_TIMEOUT == 10
+    assert distributed_args({**env, "JAXTUNE_HEARTBEAT_TIMEOUT": "30"})["heartbeat_timeout_seconds"] == 30
+    assert distributed_args({"SLURM_NTASKS": "4"}) == {"coordinator_address": None, "num_processes": None,
+                                                      "process_id": None, "heartbeat_timeout_seconds": 10}
+    for bad, message in (({**env, "JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two': expected an integer >= 1"),
+                         ({**env, "JAX_PROCESS_ID": "4"}, "JAX_PROCESS_ID=4 must be below JAX_NUM_PROCESSES=4"),
+                         ({**env, "JAXTUNE_HEARTBEAT_TIMEOUT": "0"}, "JAXTUNE_HEARTBEAT_TIMEOUT='0': expected")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            distributed_args(bad)
+
+
+def test_a_cloud_tpu_vm_initializes_without_a_cluster_in_its_environment(monkeypatch):
+    """A TPU VM made with gcloud names no other worker in its environment: JAX finds them from the metadata
+    server, so `initialize()` runs with no cluster arguments; not when JAX_PLATFORMS keeps jax off the TPU."""
+    import glob
+    import importlib.util
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+              "JAXTUNE_HEARTBEAT_TIMEOUT", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "libtpu" else
+                        find_spec(name, *a))
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/dev/vfio/0"] if pattern == "/dev/vfio/[0-9]*" else [])
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not maybe_initialize_distributed() and not calls
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert maybe_initialize_distributed()
+    assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None,
+                      "heartbeat_timeout_seconds": DEFAULT_HEARTBEAT_TIMEOUT}]
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])  # libtpu installed, no chips: an ordinary host
+    assert not maybe_initialize_distributed() and len(calls) == 1
+
+
+def test_initialize_hands_the_environment_to_jax(monkeypatch):
+    """`maybe_initialize_distributed` passes `distributed_args` (and an explicit heartbeat) to
+    `jax.distributed.initialize`, picks gloo for CPU collectives when none is chosen, and turns JAX's
+    complaint about a cluster it cannot work out into one naming the variables to set."""
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAXTUNE_HEARTBEAT_TIMEOUT", "COORDINATOR_ADDRESS",
+              "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert not maybe_initialize_distributed() and not calls  # one host: nothing to start
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:9999")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    collectives = jax.config.jax_cpu_collectives_implementation
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", None)
+        assert maybe_initialize_distributed(heartbeat_timeout=3)
+        assert jax.config.jax_cpu_collectives_implementation == "gloo"
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
+    assert calls == [{"coordinator_address": "127.0.0.1:9999", "num_processes": 2, "process_id": 1,
+                      "heartbeat_timeout_seconds": 3}]
+
+    def refuse(**kw):
+        raise ValueError("Number of processes must be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", refuse)
+    with pytest.raises(ValueError, match="Number of processes must be defined. Set JAX_COORDINATOR_ADDRESS"):
+        maybe_initialize_distributed()
 
 
 def _placed(mesh):

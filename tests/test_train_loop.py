@@ -79,9 +79,13 @@ class FakeMonitor:
 
     calls: list = []
     frozen: list = []  # gc.get_freeze_count() inside the loop
+    recorded_baseline = True
 
     def __init__(self, tokenizer, cfg, *, run_dir=None, mesh=None):
         self.cfg = cfg
+
+    def recorded(self):
+        return FakeMonitor.recorded_baseline
 
     def baseline(self, model):
         FakeMonitor.calls.append(("baseline", None))
@@ -134,6 +138,11 @@ def test_resume_is_bit_identical(whole_run, tmp_path):
         assert first.step == 3
         with pytest.raises(ValueError, match="already holds checkpoints"):
             train(cfg)
+        # A resume whose run dir lost the forgetting baseline would measure it on the trained model: refused.
+        mp.setattr(FakeMonitor, "recorded_baseline", False)
+        with pytest.raises(ValueError, match="forgetting baseline .* is missing"):
+            train(cfg, resume=True)
+        mp.setattr(FakeMonitor, "recorded_baseline", True)
         second = train(cfg, resume=True)
     assert second.step == 6
     assert first.losses + second.losses == whole.losses

@@ -24,15 +24,6 @@ from jaxtune.faults import EXIT_CODE
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def small_data(assets_dir, tmp_path_factory):
-    records = json.loads((assets_dir / "data" / "alpaca_data_1k.json").read_text())
-    records = sorted(records, key=lambda r: len(r["instruction"]) + len(r["input"]))[:40]  # prompts fit seq_len
-    path = tmp_path_factory.mktemp("data") / "alpaca_40.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
 def _write_recipe(path: Path, stories_dir, data, run_dir, **sections) -> Path:
     raw = {
         "model": {"path": str(stories_dir), "attention_impl": "xla"},
@@ -50,11 +41,11 @@ def _write_recipe(path: Path, stories_dir, data, run_dir, **sections) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stopped_run(stories_dir, small_data, tmp_path_factory):
+def stopped_run(stories_dir, short_alpaca, tmp_path_factory):
     """A 4-step run stopped after step 3 whose step-3 checkpoint never landed, as a kill after step 3 leaves it:
     metrics.jsonl and TensorBoard hold steps 1-3, the latest checkpoint is step 2."""
     root = tmp_path_factory.mktemp("stopped")
-    recipe = _write_recipe(root / "recipe.yaml", stories_dir, small_data, root / "run",
+    recipe = _write_recipe(root / "recipe.yaml", stories_dir, short_alpaca, root / "run",
                            output={"tensorboard": True})
     assert main(["train", str(recipe), "--stop-after", "3"]) == 0
     shutil.rmtree(root / "run" / "checkpoints" / "3")
@@ -140,7 +131,7 @@ def _tensorboard_scalars(logdir: Path) -> list[tuple[str, int]]:
     return seen
 
 
-def test_nan_stop_names_the_step_and_last_good_checkpoint(stories_dir, small_data, tmp_path, monkeypatch, capsys):
+def test_nan_stop_names_the_step_and_last_good_checkpoint(stories_dir, short_alpaca, tmp_path, monkeypatch, capsys):
     from jaxtune.train import loop
 
     to_micro, calls = loop.to_micro, {"n": 0}
@@ -151,7 +142,7 @@ def test_nan_stop_names_the_step_and_last_good_checkpoint(stories_dir, small_dat
         return dict(out, targets=np.full_like(out["targets"], 10_000)) if calls["n"] == 3 else out
 
     monkeypatch.setattr(loop, "to_micro", corrupt_third)
-    recipe = _write_recipe(tmp_path / "r.yaml", stories_dir, small_data, tmp_path / "run",
+    recipe = _write_recipe(tmp_path / "r.yaml", stories_dir, short_alpaca, tmp_path / "run",
                            train={"nan_policy": "stop"})
     assert main(["train", str(recipe)]) == 3
     err = capsys.readouterr().err
@@ -159,7 +150,7 @@ def test_nan_stop_names_the_step_and_last_good_checkpoint(stories_dir, small_dat
     assert str(tmp_path / "run") in err
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(stories_dir, small_data, tmp_path, monkeypatch, capsys):
+def test_disk_full_during_save_keeps_the_previous_checkpoint(stories_dir, short_alpaca, tmp_path, monkeypatch, capsys):
     import errno
 
     from jaxtune.train.checkpoint import Checkpointer
@@ -172,7 +163,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(stories_dir, small_
         return real(self, step, *args, **kw)
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full_at_4)
-    recipe = _write_recipe(tmp_path / "r.yaml", stories_dir, small_data, tmp_path / "run")
+    recipe = _write_recipe(tmp_path / "r.yaml", stories_dir, short_alpaca, tmp_path / "run")
     assert main(["train", str(recipe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
@@ -216,11 +207,11 @@ def _resumed_from(stdout: str) -> int:
     return int(line.split()[4])
 
 
-def test_killed_five_times_ends_bit_identical(stories_dir, small_data, tmp_path):
+def test_killed_five_times_ends_bit_identical(stories_dir, short_alpaca, tmp_path):
     steps = 8
-    unbroken = _write_recipe(tmp_path / "a.yaml", stories_dir, small_data, tmp_path / "a", train={"steps": steps})
+    unbroken = _write_recipe(tmp_path / "a.yaml", stories_dir, short_alpaca, tmp_path / "a", train={"steps": steps})
     assert main(["train", str(unbroken)]) == 0
-    recipe = _write_recipe(tmp_path / "b.yaml", stories_dir, small_data, tmp_path / "b", train={"steps": steps})
+    recipe = _write_recipe(tmp_path / "b.yaml", stories_dir, short_alpaca, tmp_path / "b", train={"steps": steps})
     # Kills after a step run with synchronous saves, so the checkpoint before them is surely committed; kills
     # inside a save run with async saves, whose write is then cut short.
     sync = ["--set", "train.async_checkpoint=false"]

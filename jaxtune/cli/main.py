@@ -5,13 +5,16 @@ inside the command, so the CPU process defaults are applied before jax loads.
 
 Exit codes: 0 done, 2 bad input (a usage error, or a ValueError/OSError such as a missing file or a bad
 recipe field, printed as one `error:` line that names the file and record), 1 `curate` left no records to
-write, 3 training stopped by the NaN guard; anything else is a bug and keeps its traceback."""
+write, 3 training stopped by the NaN guard, 75 training preempted by SIGTERM (a checkpoint was committed:
+rerun with --resume); anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 # Top-level command modules, each with `register(subparsers)`.
 COMMANDS = ("model", "data", "export", "curate", "train", "generate", "pipeline")
@@ -39,6 +42,20 @@ def prepare_process() -> None:
     apply_cpu_defaults()
 
 
+def in_multiprocess_job() -> bool:
+    jax = sys.modules.get("jax")  # a command that never imported jax started no job
+    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def exit_now(code: int) -> None:
+    """End this process of a multi-process job at once. A normal exit would wait at JAX's shutdown barrier for
+    the other processes, which wait in a collective for this one: minutes, where the heartbeat timeout ends
+    them in seconds once this one is gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     prepare_process()
     parser = build_parser()
@@ -47,10 +64,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except (ValueError, OSError) as e:  # bad paths, recipes, checkpoints, data: one line naming them, exit 2
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except BaseException:
+        if in_multiprocess_job():
+            traceback.print_exc()
+            exit_now(1)
+        raise
+    if code and in_multiprocess_job():
+        exit_now(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -253,10 +253,14 @@ class ForgettingMonitor:
         out["probe_agreement"] = sum(agreements) / len(agreements)
         return out, outputs
 
+    def recorded(self) -> bool:
+        """Whether the run dir holds a baseline (`baseline` then reloads it instead of measuring `model`)."""
+        return self.dir is not None and (self.dir / "baseline.json").is_file()
+
     def baseline(self, model) -> dict:
         """Fix the evaluation sets and measure the base; reload them instead when the run dir has them (then
         `model` is not used and may be None)."""
-        if self.dir is not None and (self.dir / "baseline.json").is_file():
+        if self.recorded():
             return self._load()
         if not self.cfg.base_text:
             self.samples = self._draw_samples(model)

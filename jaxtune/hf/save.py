@@ -1,7 +1,8 @@
 """jaxtune → HF: tensors under HF names (the family's tensor table, run backwards), safetensors shards, config.
 
 Tensors are produced one at a time (a scanned stack is sliced per layer on device) and LoRA adapters are
-folded in fp32 with a single cast, so exporting never holds a second host copy of the whole model.
+folded in fp32 with a single cast, so exporting never holds a second host copy of the whole model. On a
+multi-process job each tensor is gathered onto the host when it is written (`host_array`) and released after.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from pathlib import Path
 
 import jax
+import numpy as np
 from flax import nnx
 
 from jaxtune.hf.families import family, from_hf_config
@@ -51,9 +53,20 @@ def _adapters(model) -> dict[tuple, tuple]:
     return out
 
 
+def host_array(x) -> np.ndarray:
+    """`x` whole on this host. An array sharded over several processes is gathered (`process_allgather`, a
+    collective: every process must call this for the same arrays in the same order)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
 def hf_tensors(model, dtype=None) -> list[Tensor]:
     """Every weight of `model` under its HF name, LoRA merged (fp32 math, one cast to `dtype` or the
-    parameter's own dtype). A tied head has no `lm_head.weight`, as in HF checkpoints."""
+    parameter's own dtype). A tied head has no `lm_head.weight`, as in HF checkpoints. Each tensor comes to
+    the host whole (`host_array`) only when it is read, so a multi-process job holds one at a time."""
     cfg: ModelConfig = model.config
     adapters = _adapters(model)
     entries = []
@@ -75,7 +88,10 @@ def hf_tensors(model, dtype=None) -> list[Tensor]:
             shape = var.shape[1:] if stack else var.shape
             per_layer = path if layer is None else ("layers", layer, *path[1:])
             entries.append((per_layer, make, jax.ShapeDtypeStruct(shape, out_dtype)))
-    return hf_outputs(family(cfg.model_type).tensors, entries, cfg)
+    # Gathered after the family's transform, per HF tensor: a rule's outputs (e.g. one layer's experts) stay
+    # sharded on the devices until each is written. `_make` is the device-side computation hf_outputs built.
+    return [Tensor(t.name, t.shape, t.dtype, lambda t=t: host_array(t._make()))
+            for t in hf_outputs(family(cfg.model_type).tensors, entries, cfg)]
 
 
 def save_weights(tensors: list[Tensor], out_dir: Path, max_shard_size: int | str = "5GB") -> list[str]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxtune.files import atomic_dir
+from jaxtune.files import as_path, atomic_dir
 from jaxtune.hf.safetensors import Tensor, write_safetensors
 from jaxtune.hf.save import save_tokenizer
 from jaxtune.lora.apply import (
@@ -114,7 +114,7 @@ def save_peft_adapter(model, out_dir: str | Path, *, base_model_name_or_path: st
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             save_tokenizer(tokenizer, tmp, chat_template)
-    return Path(out_dir)
+    return as_path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- PEFT in

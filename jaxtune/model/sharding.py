@@ -43,7 +43,13 @@ def make_mesh(shape: dict[str, int] | None = None, devices=None) -> Mesh:
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if devices[0].platform == "tpu":  # chips ordered along the ICI links, so each axis's neighbours are wired
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    else:
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_spec(axes: tuple[str | None, ...], rules: dict | None = None, mesh: Mesh | None = None,
@@ -136,6 +142,23 @@ def check_rules(state: nnx.State, mesh: Mesh, rules: dict | None = None) -> dict
 
 _DISTRIBUTED_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
 _CLUSTER_SIZE_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES")
+HEARTBEAT_TIMEOUT_ENV = "JAXTUNE_HEARTBEAT_TIMEOUT"
+# Seconds without a heartbeat before the coordination service declares a process dead and ends the others.
+# JAX's own default (100 s) leaves the survivors of a crash blocked in a collective for that long.
+DEFAULT_HEARTBEAT_TIMEOUT = 10
+
+
+def _env_int(env: dict, name: str, low: int) -> int | None:
+    raw = env.get(name)
+    if raw is None or not str(raw).strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise ValueError(f"environment variable {name}={raw!r}: expected an integer >= {low}")
+    return value
 
 
 def is_multiprocess_env(env: dict) -> bool:
@@ -143,17 +166,61 @@ def is_multiprocess_env(env: dict) -> bool:
     one task, or a multi-host TPU slice (several worker hostnames)."""
     if any(env.get(k) for k in _DISTRIBUTED_ENV):
         return True
-    if any(int(env.get(k) or 1) > 1 for k in _CLUSTER_SIZE_ENV):
+    if any((_env_int(env, k, 1) or 1) > 1 for k in _CLUSTER_SIZE_ENV):
         return True
     return "," in env.get("TPU_WORKER_HOSTNAMES", "")
 
 
-def maybe_initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` (which reads the cluster from the environment) for multi-process
-    jobs; a no-op on one host, so single-host runs need no flags. Call before touching `jax.devices()`."""
+def on_cloud_tpu_vm(env: dict) -> bool:
+    """A Cloud TPU VM (libtpu installed, chips at /dev/accel* or /dev/vfio/N) where jax may use the TPU. Its
+    environment names no other worker: `jax.distributed.initialize()` finds them from the VM's metadata server
+    (one host: a job of one process)."""
+    import glob
+    import importlib.util
+
+    platforms = env.get("JAX_PLATFORMS", "")
+    if platforms and "tpu" not in platforms.split(","):
+        return False
+    return importlib.util.find_spec("libtpu") is not None and bool(glob.glob("/dev/accel*") or
+                                                                   glob.glob("/dev/vfio/[0-9]*"))
+
+
+def distributed_args(env: dict) -> dict:
+    """Keyword arguments of `jax.distributed.initialize` for the job `env` describes. JAX reads only the
+    coordinator address itself; JAX_NUM_PROCESSES and JAX_PROCESS_ID are read here, and where unset (None)
+    JAX detects them on SLURM, Open MPI and TPU slices. The heartbeat timeout is JAXTUNE_HEARTBEAT_TIMEOUT
+    seconds (default `DEFAULT_HEARTBEAT_TIMEOUT`)."""
+    n = _env_int(env, "JAX_NUM_PROCESSES", 1)
+    index = _env_int(env, "JAX_PROCESS_ID", 0)
+    if n is not None and index is not None and index >= n:
+        raise ValueError(f"JAX_PROCESS_ID={index} must be below JAX_NUM_PROCESSES={n} (processes count from 0)")
+    return {"coordinator_address": next((env[k] for k in _DISTRIBUTED_ENV if env.get(k)), None),
+            "num_processes": n, "process_id": index,
+            "heartbeat_timeout_seconds": _env_int(env, HEARTBEAT_TIMEOUT_ENV, 1) or DEFAULT_HEARTBEAT_TIMEOUT}
+
+
+def maybe_initialize_distributed(heartbeat_timeout: int | None = None) -> bool:
+    """`jax.distributed.initialize` for multi-process jobs (`distributed_args`) and on Cloud TPU VMs; a no-op on
+    one host elsewhere, so single-host runs need no flags. Call before touching `jax.devices()`.
+
+    A process that dies (killed, out of memory) stops sending heartbeats; after `heartbeat_timeout` seconds
+    (default: `distributed_args`) JAX's coordination service ends every other process with an error naming
+    the task that died, instead of leaving them blocked in a collective. Cross-process computations on CPU
+    go over gloo unless `jax_cpu_collectives_implementation` was chosen already (older JAX leaves it unset)."""
     import os
 
-    if not is_multiprocess_env(dict(os.environ)) or jax.distributed.is_initialized():
+    env = dict(os.environ)
+    if not (is_multiprocess_env(env) or on_cloud_tpu_vm(env)) or jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    args = distributed_args(env)
+    if heartbeat_timeout is not None:
+        args["heartbeat_timeout_seconds"] = heartbeat_timeout
+    if jax.config.jax_cpu_collectives_implementation is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"multi-process start-up: {e} Set JAX_COORDINATOR_ADDRESS (host:port of process 0), "
+                         "JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process, unless SLURM, Open MPI or a TPU "
+                         "slice provides them") from None
     return True

@@ -168,7 +168,9 @@ def stage_inputs(ctx: Context, stage: str, k: int) -> list[Path]:
     if stage == "tune":
         return tune_inputs(ctx, k)
     if stage == "evaluate":
-        base = [] if k == 0 else [r / "tune" / "merged", round_dir(ctx.run_dir, 0) / "evaluate" / "forgetting"]
+        measured = ctx.cfg.evaluate.forgetting and ctx.cfg.tune.forgetting is not None
+        base = [] if k == 0 else [r / "tune" / "merged"] + (
+            [round_dir(ctx.run_dir, 0) / "evaluate" / "forgetting"] if measured else [])
         sets = [Path(p) for p in (ctx.cfg.evaluate.grounded, ctx.cfg.evaluate.closedbook)
                 if p not in (None, BUILTIN_DOMAIN)]
         return [ctx.eval_path, *sets, *base]

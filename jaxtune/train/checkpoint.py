@@ -6,6 +6,9 @@ Keep-last-N *and* keep-best-by-eval-loss is `AnyPreservationPolicy([LatestN, Bes
 (orbax writes a temporary directory and renames it when complete), so an interrupted save leaves the
 previous checkpoint intact. Trees are stored as nested dicts of plain string keys, rebuilt on restore from
 the live (abstract) tree's structure, so any optax state layout round-trips.
+
+The directory may be a URL (`gs://bucket/run/checkpoints`): it is held as an `etils.epath.Path` throughout,
+and on GCS orbax marks a finished step with `commit_success.txt` instead of a rename.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from jaxtune.faults import fault_at
+from jaxtune.files import is_url, url_access
 
 
 class CheckpointWriteError(OSError):
@@ -94,8 +99,13 @@ def _abstract(tree):
                         tree)
 
 
+def checkpoint_path(directory: str | os.PathLike) -> epath.Path:
+    """`directory` as orbax takes it: the URL as written, a local path made absolute."""
+    return epath.Path(directory if is_url(directory) else os.path.abspath(directory))
+
+
 class Checkpointer:
-    """One run's `checkpoints/` directory."""
+    """One run's checkpoint directory (`output.checkpoint_dir`, by default `RUN/checkpoints`): local or a URL."""
 
     def __init__(self, directory: str | Path, *, keep_last: int = 2, keep_best: int = 0, async_save: bool = True):
         if keep_last < 1:
@@ -110,8 +120,9 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
         )
-        self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.directory = checkpoint_path(directory)
+        with url_access(self.directory):  # listing a gs:// directory needs gcsfs and google-cloud-storage
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._saving: int | None = None  # the step whose (async) write may still fail
         self._failed = False
 
@@ -133,9 +144,8 @@ class Checkpointer:
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def _committed(self) -> int | None:
-        """Latest step whose directory orbax finalized (renamed from its temporary name)."""
-        steps = [int(p.name) for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()]
-        return max(steps, default=None)
+        """Latest step orbax finalized (renamed from its temporary name; on GCS, holding `commit_success.txt`)."""
+        return max(ocp.utils.checkpoint_steps(self.directory), default=None)
 
     @contextlib.contextmanager
     def _writing(self, step: int | None):

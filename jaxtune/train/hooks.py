@@ -8,12 +8,17 @@ interval divides or where its `also` condition holds (e.g. the last step). Hooks
 forgetting check comes first, since past `forgetting.stop_at` it ends the run (`state.stopped`) and the
 evaluation and checkpoint then run for that last step; evaluation comes before the checkpoint, which ranks
 itself by that step's eval loss.
+
+A preemption notice (SIGTERM) is not a hook: `PreemptionNotice` turns it into a flag the loop reads before
+each step, agreed across processes, and the loop then checkpoints the step reached and ends the run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +27,7 @@ import numpy as np
 
 from jaxtune.eval import forgetting
 from jaxtune.model.sharding import shard_batch
-from jaxtune.recipe import RecipeConfig
+from jaxtune.recipe import ConfigError, RecipeConfig
 from jaxtune.structs import to_dict
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train.checkpoint import Checkpointer
@@ -45,6 +50,7 @@ class TrainState:
     losses: list[float] = dataclasses.field(default_factory=list)  # this invocation's train losses
     skipped: int = 0
     stopped: str | None = None  # why the run ends early (set by a hook; the loop ends after this step)
+    preempted: bool = False  # ended by a preemption notice: checkpointed, not finished (no eval, no export)
 
 
 @dataclasses.dataclass
@@ -182,6 +188,10 @@ def forgetting_hook(run: Run, state: TrainState):
     (`forgetting.assess`); at or above `forgetting.stop_at` it sets `state.stopped`."""
     cfg = run.cfg.forgetting
     monitor = forgetting.ForgettingMonitor(run.tokenizer, cfg, run_dir=run.run_dir, mesh=run.mesh)
+    if state.step > 0 and not monitor.recorded():  # measured now, the "base" would be the trained model
+        raise ConfigError(f"resuming at step {state.step}: the forgetting baseline {run.run_dir}/forgetting/"
+                          "baseline.json is missing (a new run dir?) and cannot be measured on a trained model; "
+                          "copy forgetting/ from the first run dir, or resume with --set train.forgetting_every=0")
     base = monitor.baseline(run.model(state))
     if state.step == 0:
         run.writer.write(0, base, "forgetting")
@@ -208,3 +218,49 @@ def save_checkpoint(run: Run):
         s.last_saved = s.step
 
     return fn
+
+
+# --- preemption ------------------------------------------------------------------------------------------
+
+
+class PreemptionNotice:
+    """SIGTERM, the notice a spot or TPU VM gets before it is taken away, as a decision to stop that every
+    process of the job takes at the same step (`agreed(step)`, called by all of them before each step).
+
+    On a multi-process job with JAX's preemption service (`jax.distributed`, on by default) JAX owns SIGTERM
+    and `reached_preemption_sync_point` names the step; otherwise a Python handler sets a flag (nothing else:
+    no saving inside a signal handler), restored to the previous handler on exit, and several processes
+    any-reduce their flags each step. One process reads its flag only. A handler can be installed in the main
+    thread only, and not over one installed outside Python; then the notice is not watched."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.received = False
+        self.multi = jax.process_count() > 1
+        self.jax_sync = self.multi and jax.distributed.is_initialized() and \
+            bool(jax.config.jax_enable_preemption_service)
+        self._previous = None
+
+    def _flag(self, signum, frame) -> None:
+        self.received = True
+
+    def __enter__(self):
+        if (self.enabled and not self.jax_sync and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) is not None):
+            self._previous = signal.signal(signal.SIGTERM, self._flag)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def agreed(self, step: int) -> bool:
+        """Whether the job stops before this step (`step` optimizer steps done)."""
+        if not (self.enabled and self.multi):
+            return self.received
+        from jax.experimental import multihost_utils
+
+        if self.jax_sync:
+            return multihost_utils.reached_preemption_sync_point(step)
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([self.received]))))

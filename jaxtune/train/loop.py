@@ -4,7 +4,11 @@
 
 Two ways to end before the schedule does: the NaN guard raises `TrainingStopped` (a failure; the last good
 checkpoint is kept as it was), and the forgetting check past `forgetting.stop_at` ends the run cleanly (a
-decision: the step is checkpointed, exported when configured, and `RunResult.stopped` says why).
+decision: the step is checkpointed, exported when configured, and `RunResult.stopped` says why). A third,
+with `handle_sigterm`: a preemption notice (SIGTERM) ends the run before the next step (or before the export,
+after the last), agreed across processes (`hooks.PreemptionNotice`), with the step reached checkpointed (the
+save committed before `train` returns) and nothing evaluated or exported; `RunResult.preempted` is then set and
+`--resume` continues exactly (and exports, when the schedule was complete).
 
 Resume is exact: parameters and optimizer state come from the checkpoint, the data loader continues from
 its saved grain state, and each step's RNG is `fold_in(seed key, step)`, so N steps + resume + N steps
@@ -28,7 +32,7 @@ from flax import nnx
 
 from jaxtune.cache import enable_compile_cache
 from jaxtune.faults import fault_at
-from jaxtune.files import write_text_atomic
+from jaxtune.files import as_path, write_text_atomic
 from jaxtune.model.config import parse_dtype
 from jaxtune.model.sharding import MESH_AXES, maybe_initialize_distributed, shard_batch
 from jaxtune.recipe import ConfigError, RecipeConfig, dump_recipe
@@ -36,7 +40,7 @@ from jaxtune.structs import from_dict, to_dict
 from jaxtune.train import metrics as metrics_lib
 from jaxtune.train import resume as resume_lib
 from jaxtune.train.checkpoint import Checkpointer, content_hash, provenance
-from jaxtune.train.hooks import Run, TrainState, make_hooks, run_hooks
+from jaxtune.train.hooks import PreemptionNotice, Run, TrainState, make_hooks, run_hooks, save_checkpoint
 from jaxtune.train.plan import assemble, build_mesh, micro_rows
 
 
@@ -67,13 +71,17 @@ class RunResult:
     skipped_steps: int
     export_dir: Path | None = None
     stopped: str | None = None  # why the run ended before its schedule (e.g. forgetting past stop_at)
+    preempted: bool = False  # a preemption notice ended it: checkpointed at `step`, to be resumed
+    checkpoint_dir: str | None = None  # where its checkpoints are (a path or URL)
 
 
 def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = None,
-          allow_changes: bool = False) -> RunResult:
+          allow_changes: bool = False, handle_sigterm: bool = False) -> RunResult:
     """Run (or resume) the recipe. `stop_after` ends this invocation once that many steps are done
     (checkpointing there) without changing the schedule, as a preempted job would. A resume first checks
-    the recipe against the run's (`check_recipe`); `allow_changes` lets any key differ."""
+    the recipe against the run's (`check_recipe`); `allow_changes` lets any key differ. `handle_sigterm`
+    turns SIGTERM into a checkpoint and a `RunResult` with `preempted` set, which the caller must treat as
+    unfinished and exit on (the signal is consumed): `jaxtune train` does."""
     maybe_initialize_distributed()
     notes = check_recipe(cfg, allow_changes=allow_changes) if resume else []
     if cfg.train.compile_cache:
@@ -83,11 +91,16 @@ def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = N
         for line in notes:
             run.bar.log(line)
         hooks = make_hooks(run, state)
-        with gc_frozen():
-            while state.step < run.end and state.stopped is None:
-                run_step(run, state)
-                run_hooks(hooks, state)
-                fault_at("train.after_step", state.step)
+        with gc_frozen(), PreemptionNotice(enabled=handle_sigterm) as notice:
+            while state.stopped is None:
+                if notice.agreed(state.step):  # asked before each step, and once after the last
+                    preempt(run, state)
+                elif state.step < run.end:
+                    run_step(run, state)
+                    run_hooks(hooks, state)
+                    fault_at("train.after_step", state.step)
+                else:
+                    break
     finally:
         run.close()
     return finish(run, state)
@@ -96,7 +109,7 @@ def train(cfg: RecipeConfig, *, resume: bool = False, stop_after: int | None = N
 def check_recipe(cfg: RecipeConfig, *, allow_changes: bool) -> list[str]:
     """Compare the recipe with the one the run's latest checkpoint was trained with, before anything is
     loaded (train/resume.py says which keys may change). Returns the notes to log."""
-    saved = resume_lib.saved_recipe(Path(cfg.output.run_dir))
+    saved = resume_lib.saved_recipe(cfg.output.checkpoints, Path(cfg.output.run_dir))
     if saved is None:
         return []
     step, old = saved
@@ -126,7 +139,7 @@ def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[
     total_steps = t.steps or loader.total_steps
     parts, trainable, opt_state = assemble(cfg, model, token_ids, mesh, total_steps)
     prov = provenance(data_hash=content_hash(train_examples), tokenizer=tokenizer)
-    ckpt = Checkpointer(run_dir / "checkpoints", keep_last=t.keep_last, keep_best=t.keep_best,
+    ckpt = Checkpointer(cfg.output.checkpoints, keep_last=t.keep_last, keep_best=t.keep_best,
                         async_save=t.async_checkpoint)
     fresh = TrainState(step=0, trainable=trainable, opt_state=opt_state, key=jax.random.key(t.seed))
     try:
@@ -206,7 +219,7 @@ def restore(ckpt: Checkpointer, loader, prov: dict, fresh: TrainState, *,
     latest = ckpt.latest_step()
     if latest is not None and not resume:
         raise ConfigError(f"{ckpt.directory} already holds checkpoints (latest step {latest}); pass "
-                          "--resume to continue that run, or set a new output.run_dir")
+                          "--resume to continue that run, or set a new output.run_dir (or output.checkpoint_dir)")
     if not resume:
         return fresh, None
     if latest is None:
@@ -286,41 +299,58 @@ def nan_guard(run: Run, s: TrainState, finite: bool) -> None:
                               f"(run dir {run.run_dir}; resume with --resume once the data or lr is fixed)")
 
 
+def preempt(run: Run, s: TrainState) -> None:
+    """The job is about to lose its machines: checkpoint the step reached (unless that step is saved already)
+    and end the run; `Run.close` then waits for the save to commit."""
+    saving = s.last_saved != s.step
+    run.bar.log(f"preemption notice (SIGTERM) at step {s.step}: stopping"
+                + (f", saving checkpoint step {s.step}" if saving else ""))
+    if saving:
+        save_checkpoint(run)(s)
+    s.preempted = True
+    s.stopped = f"preempted (SIGTERM) at step {s.step}"
+
+
 # --- finish -----------------------------------------------------------------------------------------------
 
 
 def finish(run: Run, s: TrainState) -> RunResult:
     """Export once the schedule is complete or a hook stopped the run (not when `stop_after` ended this
-    invocation early)."""
+    invocation early, nor a preemption)."""
     if s.stopped is not None:
-        run.bar.log(f"stopped early at step {s.step}/{run.total_steps}: {s.stopped}; checkpoint step {s.step} "
-                    f"saved in {run.run_dir / 'checkpoints'}")
+        saved = f"checkpoint step {s.step} saved in {run.ckpt.directory}" if s.step and s.last_saved == s.step \
+            else "no checkpoint yet"
+        run.bar.log(f"stopped early at step {s.step}/{run.total_steps}: {s.stopped}; {saved}")
     export_dir = None
-    if run.cfg.output.export and (s.step == run.total_steps or s.stopped is not None) and metrics_lib.is_writer():
-        export_dir = export(run.cfg, run.model(s), run.tokenizer, run.token_ids, run.run_dir, run.bar.log)
+    done = not s.preempted and (s.step == run.total_steps or s.stopped is not None)
+    if run.cfg.output.export and done:  # every process: the weights are sharded over all of them
+        export_dir = export(run.cfg, run.model(s), run.tokenizer, run.token_ids, run.bar.log)
     return RunResult(run_dir=run.run_dir, step=s.step, total_steps=run.total_steps, losses=s.losses,
                      eval_loss=s.eval_loss, compiles=run.parts.train_step._cache_size(), skipped_steps=s.skipped,
-                     export_dir=export_dir, stopped=s.stopped)
+                     export_dir=export_dir, stopped=s.stopped, preempted=s.preempted,
+                     checkpoint_dir=str(run.ckpt.directory))
 
 
-def export(cfg: RecipeConfig, model, tokenizer, token_ids, run_dir: Path, log) -> Path:
-    """RUN_DIR/export/merged (HF checkpoint) and, for LoRA, export/adapter (PEFT)."""
+def export(cfg: RecipeConfig, model, tokenizer, token_ids, log):
+    """EXPORT/merged (HF checkpoint) and, for LoRA, EXPORT/adapter (PEFT); EXPORT is `output.export_dir` (a
+    path or URL), by default RUN_DIR/export."""
     from jaxtune.data.chat import resolve_template
-    from jaxtune.export import save_merged
-    from jaxtune.lora.peft import save_peft_adapter
+    from jaxtune.export import save_merged, save_peft_adapter
 
-    out = run_dir / "export"
+    out = as_path(cfg.output.exports)
     template = resolve_template(cfg.data.chat_template, tokenizer)
     # RUN/export is the run's own; `force` lets it replace an export an older jaxtune wrote there without a
-    # marker (the refusals that protect models, run dirs and the working directory still apply).
+    # marker (the refusals that protect models, run dirs and the working directory still apply). An
+    # output.export_dir is the user's: guarded like `jaxtune export --out`.
+    own = cfg.output.export_dir is None
     save_merged(model, tokenizer, out / "merged", source_dir=cfg.model.path if Path(cfg.model.path).is_dir() else None,
-                chat_template=template, force=True)
+                chat_template=template, force=own)
     log(f"exported merged model to {out / 'merged'}")
     if cfg.lora is not None and token_ids:
         log("adapter export skipped: the run trained added-token embedding rows, which a PEFT LoRA adapter "
             "does not carry; use export/merged")
     elif cfg.lora is not None:
         save_peft_adapter(model, out / "adapter", base_model_name_or_path=cfg.model.path, tokenizer=tokenizer,
-                          chat_template=template, force=True)
+                          chat_template=template, force=own)
         log(f"exported PEFT adapter to {out / 'adapter'}")
     return out

@@ -131,6 +131,9 @@ class Plan:
     batch_shape: tuple[int, ...]
     memory: dict[str, int]
     param_specs: dict[str, jax.sharding.PartitionSpec]
+    # XLA's cost analysis of the compiled step, per device; a while loop's body (scanned layers, accumulated
+    # micro-batches) is counted once, not once per trip.
+    flops: float | None = None
     # (trainable, frozen, opt_state, batch, rng) as placed ShapeDtypeStructs: what the compiled step takes.
     abstract_args: tuple = ()
 
@@ -179,9 +182,34 @@ def _memory(compiled) -> dict[str, int]:
     return memory
 
 
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology such as `v5e:2x4` or `v5p:2x4x4` (chips per dimension), from libtpu's
+    compile-only client: XLA:TPU compiles for them on a host without a TPU (`pip install 'jax[tpu]'`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ConfigError(f"--topology {name}: compiling for a TPU without one needs libtpu "
+                          "(pip install 'jax[tpu]', or jaxtune's [tpu-compile] extra)")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except Exception as e:  # libtpu's own message names what it could not parse
+        raise ConfigError(f"--topology {name}: libtpu cannot build this topology ({str(e).splitlines()[0]}); "
+                          "expected a name like v5e:2x4 or v5p:2x2x2") from None
+
+
+def _flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def lower_train_step(cfg: RecipeConfig, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> tuple[Plan, object]:
     """Compile the recipe's train step for `mesh` on abstract inputs; returns the plan and the compiled
-    executable (called as `compiled(*plan.abstract_args)` once those are real arrays). Added tokens are
+    executable (called as `compiled(*plan.abstract_args)` once those are real arrays). `mesh` may be made of
+    another platform's devices (`topology_devices`): the step then compiles with that platform's compiler,
+    attention picking that platform's kernel. Added tokens are
     modelled as rows of the existing vocabulary: shapes and shardings do not depend on which rows train.
     Without `train.steps` the schedule's length is a stand-in: it changes no shape."""
     from jaxtune.lora.apply import count_params
@@ -195,30 +223,47 @@ def lower_train_step(cfg: RecipeConfig, model_cfg: ModelConfig, mesh: jax.shardi
     # XLA:CPU computes in fp32 and would hoist every layer's converted weights out of the scanned loop; an
     # accelerator keeps them bf16. With the hoisting off, one layer's copy is live at a time, which is what an
     # accelerator's estimate should count (the executable is only for this estimate).
-    compiled = parts.train_step.lower(parts.graphdef, *args).compile(
-        compiler_options={"xla_disable_hlo_passes": "while-loop-invariant-code-motion"})
+    cpu = mesh.devices.flat[0].platform == "cpu"
+    options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if cpu else None
+    compiled = parts.train_step.lower(parts.graphdef, *args).compile(compiler_options=options)
     plan = Plan(mesh=mesh, model_config=model.config, n_params=model.config.num_params(),
                 n_trainable=count_params(trainable), batch_shape=batch["input_ids"].shape, memory=_memory(compiled),
-                param_specs=parts.param_specs, abstract_args=args)
+                param_specs=parts.param_specs, abstract_args=args, flops=_flops(compiled))
     return plan, compiled
 
 
 def format_plan(plan: Plan) -> str:
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     mesh = dict(zip(MESH_AXES, plan.mesh.devices.shape))
+    device = plan.mesh.devices.flat[0]
     lines = [
-        f"mesh            {mesh} on {plan.mesh.devices.flat[0].platform} ({plan.mesh.size} devices)",
+        f"mesh            {mesh} on {device.platform} ({plan.mesh.size} × {device.device_kind})",
         f"parameters      {plan.n_params:,} ({plan.n_trainable:,} trainable)",
         f"batch           {plan.batch_shape} per optimizer step (global)",
     ]
     if plan.memory:
         lines.append("memory/device   " + ", ".join(f"{k} {gib(v)}" for k, v in plan.memory.items()))
+        if device.platform == "cpu":
+            lines.append("                (XLA:CPU's estimate: it keeps fp32 copies of bf16 weights an accelerator "
+                         "does not)")
+    if plan.flops:
+        lines.append(f"flops/device    {plan.flops:.3e} as XLA counts them (a loop body once, not per layer or "
+                     "micro-batch)")
     return "\n".join(lines)
 
 
-def describe_plan(cfg: RecipeConfig) -> str:
-    """`--dry-run`: read only the model's config, compile on this host's devices, report."""
+def describe_plan(cfg: RecipeConfig, topology: str | None = None) -> str:
+    """`--dry-run`: read only the model's config, compile on this host's devices (or, with `topology`, for
+    that TPU slice through libtpu), report."""
     from jaxtune.hf.load import load_config
 
-    plan, _ = lower_train_step(cfg, load_config(cfg.model.path), build_mesh(cfg))
+    devices = topology_devices(topology) if topology else None
+    try:
+        plan, _ = lower_train_step(cfg, load_config(cfg.model.path), build_mesh(cfg, devices))
+    except jax.errors.JaxRuntimeError as e:  # XLA:TPU (and XLA:GPU) refuse a program larger than the device
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise ConfigError(f"the train step does not fit the device: {str(e).splitlines()[0]}; shard the weights "
+                          "over more devices (mesh fsdp/tensor), lower batch_size per device, or set model.remat: "
+                          "full") from None
     return format_plan(plan)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from jaxtune.files import write_text_atomic
+from jaxtune.files import url_access, write_text_atomic
 from jaxtune.train import metrics as metrics_lib
-from jaxtune.train.checkpoint import Checkpointer
+from jaxtune.train.checkpoint import Checkpointer, checkpoint_path
 
 # Keys a resume may change. Intervals and output flags change what is reported or kept, not what is
 # trained; locations may move (the data and tokenizer are checked by content hash on restore, the base
@@ -22,7 +22,8 @@ from jaxtune.train.checkpoint import Checkpointer
 MAY_CHANGE = frozenset({
     "train.steps", "train.log_every", "train.eval_every", "train.save_every", "train.forgetting_every",
     "train.keep_last", "train.keep_best", "train.async_checkpoint", "train.compile_cache",
-    "output.run_dir", "output.export", "output.tensorboard", "output.progress",
+    "output.run_dir", "output.checkpoint_dir", "output.export", "output.export_dir", "output.tensorboard",
+    "output.progress",
     "model.path", "model.tokenizer", "data.train", "data.validation", "data.cache_dir", "data.rejects_path",
     "data.max_dropped_fraction", "data.max_truncated_fraction", "forgetting.warn_at", "forgetting.stop_at",
 })
@@ -42,12 +43,13 @@ def _show(v) -> str:
     return json.dumps(v, default=str)
 
 
-def saved_recipe(run_dir: Path) -> tuple[int, dict] | None:
-    """`(step, recipe)` of the latest checkpoint (None without one): the recipe in its meta, or
-    `config.yaml` for a checkpoint that carries none."""
-    ckpt_dir = run_dir / "checkpoints"
-    if not ckpt_dir.is_dir():
-        return None
+def saved_recipe(ckpt_dir: str | Path, run_dir: Path) -> tuple[int, dict] | None:
+    """`(step, recipe)` of the latest checkpoint in `ckpt_dir` (a path or URL; None without one): the recipe in
+    its meta, so the run dir may be gone, or `RUN/config.yaml` for a checkpoint that carries none."""
+    ckpt_dir = checkpoint_path(ckpt_dir)
+    with url_access(ckpt_dir):
+        if not ckpt_dir.is_dir():
+            return None
     ckpt = Checkpointer(ckpt_dir)
     try:
         step = ckpt.latest_step()
@@ -80,6 +82,7 @@ def check_changes(run_dir: Path, step: int, old: dict, new: dict, *, allow_chang
                          "or start a new output.run_dir")
     kept = run_dir / f"config.{step}.yaml"
     if metrics_lib.is_writer():
+        run_dir.mkdir(parents=True, exist_ok=True)  # a resume from a checkpoint dir whose run dir is gone
         write_text_atomic(kept, yaml.safe_dump(old, sort_keys=False))
     notes = [f"resume: {k}: {_show(a)} -> {_show(b)}" + ("" if k in MAY_CHANGE else " (--allow-changes)")
              for k, a, b in changes]

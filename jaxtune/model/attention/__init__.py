@@ -20,7 +20,7 @@ import math
 import jax
 from jax.sharding import AxisType
 
-from jaxtune.model.attention import blockwise, cpu_flash, cudnn, splash, xla  # noqa: F401
+from jaxtune.model.attention import blockwise, cpu_flash, cudnn, mask, splash, xla  # noqa: F401
 from jaxtune.model.attention.mask import NEG_INF, visibility  # noqa: F401  (the rule is part of the interface)
 from jaxtune.model.config import ATTENTION_IMPLS
 
@@ -29,22 +29,25 @@ BACKENDS = {impl: importlib.import_module(f"{__name__}.{impl}") for impl in ATTE
 
 
 def platform() -> str:
+    """The platform of arrays on no mesh: this process's default backend."""
     return jax.default_backend()
 
 
 def default_impl(q: Array, k: Array, softcap: float | None = None) -> str:
-    """Backend for `impl="auto"`, by platform and shape (the choices follow docs/benchmarks.md).
+    """Backend for `impl="auto"`, by platform and shape (the choices follow docs/benchmarks.md). The platform is
+    that of the mesh `q` is laid out on, so a compile for a TPU topology from a CPU host picks splash.
 
     Decode and cached prefill (query length != key length) stay dense: one query row has nothing to skip.
     `cpu_flash` only on one device (XLA partitions a custom call only by replicating it), once built.
-    Never `cudnn` with a `softcap`, which cuDNN cannot apply."""
+    Never `cudnn` with a `softcap`, which cuDNN cannot apply, nor on a GPU older than Ampere."""
     t, s, d = q.shape[1], k.shape[1], q.shape[-1]
     if t != s:
         return "xla"
-    kind = platform()
+    kind = mask.operand_platform(q) or platform()
     if kind == "tpu" and t % splash.BLOCK == 0:
         return "splash"
-    if kind == "gpu" and softcap is None and q.dtype in cudnn.DTYPES and d % 8 == 0 and d <= 128:
+    if (kind == "gpu" and softcap is None and q.dtype in cudnn.DTYPES and d % 8 == 0 and d <= 128
+            and cudnn.supported_gpu()):
         return "cudnn"
     if kind == "cpu" and jax.device_count() == 1 and cpu_flash.supports(q, k) and cpu_flash.available():
         return "cpu_flash"

@@ -30,6 +30,12 @@ def cudnn_args(q_seg: Array, window: int | None) -> tuple[dict, dict]:
     return single, packed
 
 
+def supported_gpu() -> bool:
+    """cuDNN's fused attention in JAX needs an Ampere or newer GPU (compute capability 8.0+): not a T4 (7.5)."""
+    caps = [getattr(d, "compute_capability", None) for d in jax.local_devices()]
+    return all(c is not None and float(c) >= 8.0 for c in caps)
+
+
 def check_softcap(softcap: float | None) -> None:
     if softcap is not None:
         raise ValueError(f"attention_impl='cudnn': cuDNN attention cannot soft-cap attention logits "

@@ -37,6 +37,15 @@ def scaled_q(q: Array, scale: float) -> Array:
     return (q.astype(jnp.float32) * scale).astype(q.dtype)
 
 
+def operand_platform(x: Array) -> str | None:
+    """The platform of the mesh `x` is laid out on, known while tracing: a compile for another topology (a TPU
+    compiled from this CPU host) sees its target's platform here. None for an array on no mesh."""
+    mesh = jax.typeof(x).sharding.mesh
+    mesh = getattr(mesh, "abstract_mesh", mesh)
+    device = getattr(mesh, "abstract_device", None)
+    return None if mesh.empty or device is None else device.platform
+
+
 def static_bool(x) -> bool | None:
     """`x` as a Python bool when it is known at trace time, else None (a traced per-layer flag)."""
     try:

@@ -1,0 +1,62 @@
+"""XLA:TPU compiles without a TPU (libtpu's compile-only client): the train step of a small model compiled for a
+v5e slice, splash attention through Mosaic run per chip, and `jaxtune train --dry-run --topology`. The TPU
+recipes' own compiles are long (minutes each): scripts/bench_tpu_compile.py runs them, from .ci/run."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+import pytest
+
+from jaxtune.cli.main import main
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="needs libtpu (pip install -e '.[tpu-compile]') for a compile-only TPU client")
+
+
+@pytest.fixture(autouse=True)
+def _libtpu_env(monkeypatch):
+    # libtpu takes a host-wide lock unless told a compile-only client may share the host.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def _recipe(tmp_path, stories_dir, assets_dir, mesh="{data: 4}", extra=""):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model:\n  path: {stories_dir}\n  dtype: bfloat16\n  scan_layers: true\n  remat: full\n"
+                    f"data:\n  train: {assets_dir / 'data' / 'alpaca_data_1k.json'}\n  seq_len: 256\n"
+                    f"lora:\n  rank: 4\n  target_modules: all-linear\ntrain:\n  batch_size: 8\n{extra}"
+                    f"mesh: {mesh}\noutput:\n  run_dir: {tmp_path / 'run'}\n")
+    return path
+
+
+def test_dry_run_for_a_topology_compiles_splash_per_chip(tmp_path, stories_dir, assets_dir, capsys, monkeypatch):
+    """`jaxtune train --dry-run --topology` compiles with XLA:TPU. `auto` attention on the TPU mesh is splash (the
+    platform comes from the operands' mesh, not this CPU host), compiled by Mosaic into a `tpu_custom_call`, and
+    each chip runs it on its own rows and KV heads: XLA cannot partition the custom call, so without `shard_map`
+    it would gather every row onto every chip."""
+    from jaxtune.train import plan as plan_lib
+
+    compiled = []
+    lower = plan_lib.lower_train_step
+    monkeypatch.setattr(plan_lib, "lower_train_step", lambda *a: compiled.append(lower(*a)) or compiled[-1])
+    recipe = _recipe(tmp_path, stories_dir, assets_dir, mesh="{data: 2, tensor: 2}")
+    assert main(["train", str(recipe), "--dry-run", "--topology", "v5e:2x2"]) == 0
+    out = capsys.readouterr().out
+    assert "on tpu (4 × TPU v5 lite)" in out and "memory/device" in out and "flops/device" in out
+    assert "XLA:CPU's estimate" not in out
+    plan, executable = compiled[0]
+    assert 0 < plan.memory["peak_estimate"] < 2**30 and plan.flops > 0
+    calls = [line for line in executable.as_text().splitlines() if 'custom_call_target="tpu_custom_call"' in line]
+    assert calls, "splash did not compile to a Mosaic kernel"
+    # Splash's operands are [rows, KV heads, group, T, head_dim]: 8 rows over data=2 and 4 KV heads over tensor=2
+    # leave 4 rows and 2 KV heads per chip.
+    cfg = plan.model_config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    shapes = {m for line in calls for m in re.findall(rf"\[(\d+),(\d+),{group},256,{cfg.head_dim}\]", line)}
+    assert shapes == {("4", str(cfg.num_key_value_heads // 2))}, shapes
+
+    assert main(["train", str(recipe), "--dry-run", "--topology", "v9z:1x1"]) == 2
+    assert "libtpu cannot build this topology" in capsys.readouterr().err
+    assert main(["train", str(recipe), "--topology", "v5e:2x2"]) == 2
+    assert "--topology applies to --dry-run only" in capsys.readouterr().err
