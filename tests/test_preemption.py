@@ -207,11 +207,12 @@ def test_one_process_never_talks_to_the_others(monkeypatch):
         assert not notice.agreed(1)
 
 
-def test_processes_agree_through_jax_preemption_service(monkeypatch):
+@pytest.mark.parametrize("processes", [2, 1])  # 1: a single TPU VM, where jax.distributed runs too
+def test_processes_agree_through_jax_preemption_service(monkeypatch, processes):
     from jax.experimental import multihost_utils
 
     asked = []
-    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_count", lambda: processes)
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step) or step == 5)
     before = signal.getsignal(signal.SIGTERM)

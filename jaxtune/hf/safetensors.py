@@ -41,6 +41,10 @@ class Tensor:
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
+    def then(self, fn: Callable) -> Tensor:
+        """The same tensor with `fn` applied to its computed value (e.g. gathered onto the host)."""
+        return Tensor(self.name, self.shape, self.dtype, lambda: fn(self._make()))
+
     def numpy(self) -> np.ndarray:
         arr = np.asarray(jax.device_get(self._make()))
         assert arr.shape == self.shape and arr.dtype == self.dtype, (self.name, arr.shape, arr.dtype)

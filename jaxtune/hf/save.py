@@ -89,9 +89,8 @@ def hf_tensors(model, dtype=None) -> list[Tensor]:
             per_layer = path if layer is None else ("layers", layer, *path[1:])
             entries.append((per_layer, make, jax.ShapeDtypeStruct(shape, out_dtype)))
     # Gathered after the family's transform, per HF tensor: a rule's outputs (e.g. one layer's experts) stay
-    # sharded on the devices until each is written. `_make` is the device-side computation hf_outputs built.
-    return [Tensor(t.name, t.shape, t.dtype, lambda t=t: host_array(t._make()))
-            for t in hf_outputs(family(cfg.model_type).tensors, entries, cfg)]
+    # sharded on the devices until each is written.
+    return [t.then(host_array) for t in hf_outputs(family(cfg.model_type).tensors, entries, cfg)]
 
 
 def save_weights(tensors: list[Tensor], out_dir: Path, max_shard_size: int | str = "5GB") -> list[str]:

@@ -227,8 +227,8 @@ class PreemptionNotice:
     """SIGTERM, the notice a spot or TPU VM gets before it is taken away, as a decision to stop that every
     process of the job takes at the same step (`agreed(step)`, called by all of them before each step).
 
-    On a multi-process job with JAX's preemption service (`jax.distributed`, on by default) JAX owns SIGTERM
-    and `reached_preemption_sync_point` names the step; otherwise a Python handler sets a flag (nothing else:
+    Where `jax.distributed` runs with its preemption service (on by default; jaxtune starts it on every TPU VM
+    and multi-process job) JAX owns SIGTERM and `reached_preemption_sync_point` names the step; otherwise a Python handler sets a flag (nothing else:
     no saving inside a signal handler), restored to the previous handler on exit, and several processes
     any-reduce their flags each step. One process reads its flag only. A handler can be installed in the main
     thread only, and not over one installed outside Python; then the notice is not watched."""
@@ -237,8 +237,8 @@ class PreemptionNotice:
         self.enabled = enabled
         self.received = False
         self.multi = jax.process_count() > 1
-        self.jax_sync = self.multi and jax.distributed.is_initialized() and \
-            bool(jax.config.jax_enable_preemption_service)
+        # Once jax.distributed runs (every TPU VM, one host or many) its preemption service owns SIGTERM.
+        self.jax_sync = jax.distributed.is_initialized() and bool(jax.config.jax_enable_preemption_service)
         self._previous = None
 
     def _flag(self, signum, frame) -> None:
@@ -257,7 +257,7 @@ class PreemptionNotice:
 
     def agreed(self, step: int) -> bool:
         """Whether the job stops before this step (`step` optimizer steps done)."""
-        if not (self.enabled and self.multi):
+        if not self.enabled or not (self.jax_sync or self.multi):
             return self.received
         from jax.experimental import multihost_utils
 
