@@ -357,5 +357,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> RecipeC
     return load_config(path, RecipeConfig, overrides)
 
 
+def run_exports(run_dir: str | Path) -> str:
+    """Where a run's export went: the `output.export_dir` of the recipe it saved (`RUN/config.yaml`), else
+    `RUN/export`."""
+    saved = Path(run_dir) / "config.yaml"
+    raw = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    output = raw.get("output") if isinstance(raw, dict) else None
+    export_dir = output.get("export_dir") if isinstance(output, dict) else None
+    return str(export_dir) if export_dir else str(Path(run_dir) / "export")
+
+
 def dump_recipe(cfg: RecipeConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

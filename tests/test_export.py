@@ -271,3 +271,12 @@ def test_cli_params_and_export(hf_zoo, tokenizer, tmp_path, capsys, jaxtune_adap
     assert np.abs(torch_logits(re_exported, ids) - ours).max() <= ATOL
     with pytest.raises(SystemExit, match="export/adapter not found"):
         _cli(["export", "--model", str(path), "--run", str(tmp_path), "--out", str(tmp_path / "x")])
+    # A run whose recipe moved its export (output.export_dir) is read there.
+    moved = tmp_path / "elsewhere"
+    (tmp_path / "run" / "export").rename(moved)
+    (tmp_path / "run" / "config.yaml").write_text(f"output:\n  run_dir: {tmp_path / 'run'}\n  export_dir: {moved}\n")
+    assert _cli(["export", "--model", str(path), "--run", str(tmp_path / "run"), "--out",
+                 str(tmp_path / "merged")]) == 0
+    (tmp_path / "run" / "config.yaml").write_text("output:\n  run_dir: r\n  export_dir: gs://bucket/run\n")
+    with pytest.raises(SystemExit, match="exported to gs://bucket/run; copy"):
+        _cli(["export", "--model", str(path), "--run", str(tmp_path / "run"), "--out", str(tmp_path / "y")])

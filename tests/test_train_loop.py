@@ -6,8 +6,10 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import shutil
 import types
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -83,9 +85,10 @@ class FakeMonitor:
 
     def __init__(self, tokenizer, cfg, *, run_dir=None, mesh=None):
         self.cfg = cfg
+        self.dir = None if run_dir is None else Path(run_dir) / "forgetting"
 
     def recorded(self):
-        return FakeMonitor.recorded_baseline
+        return FakeMonitor.recorded_baseline and (self.dir is None or (self.dir / "baseline.json").is_file())
 
     def baseline(self, model):
         FakeMonitor.calls.append(("baseline", None))
@@ -129,7 +132,13 @@ def test_resume_is_bit_identical(whole_run, tmp_path):
     # Dropout on, several epochs of shuffled packed data, and the break falls mid-epoch.
     whole_cfg, whole, _ = whole_run
     assert whole.step == 6 and whole.compiles == 1
-    cfg = dataclasses.replace(whole_cfg, output=dataclasses.replace(whole_cfg.output, run_dir=str(tmp_path / "split")))
+    split = tmp_path / "split"
+    cfg = dataclasses.replace(whole_cfg, output=dataclasses.replace(whole_cfg.output, run_dir=str(split)))
+    # The recorded forgetting baseline (FakeMonitor writes none): each checkpoint carries it.
+    baseline = {"baseline.json": '{"base": {"probe": 1.0}}\n', "base_probe_outputs.jsonl": '{"id": "p1"}\n'}
+    (split / "forgetting").mkdir(parents=True)
+    for name, text in baseline.items():
+        (split / "forgetting" / name).write_text(text)
     with pytest.MonkeyPatch.context() as mp:
         from jaxtune.eval import forgetting
 
@@ -138,12 +147,14 @@ def test_resume_is_bit_identical(whole_run, tmp_path):
         assert first.step == 3
         with pytest.raises(ValueError, match="already holds checkpoints"):
             train(cfg)
-        # A resume whose run dir lost the forgetting baseline would measure it on the trained model: refused.
+        # A resume that cannot get the baseline back would measure it on the trained model: refused.
         mp.setattr(FakeMonitor, "recorded_baseline", False)
         with pytest.raises(ValueError, match="forgetting baseline .* is missing"):
             train(cfg, resume=True)
         mp.setattr(FakeMonitor, "recorded_baseline", True)
+        shutil.rmtree(split / "forgetting")  # the run dir lost it (a new VM): the checkpoint brings it back
         second = train(cfg, resume=True)
+    assert {p.name: p.read_text() for p in (split / "forgetting").iterdir()} == baseline
     assert second.step == 6
     assert first.losses + second.losses == whole.losses
     for a, b in zip(_saved(whole.run_dir, 6), _saved(tmp_path / "split", 6)):

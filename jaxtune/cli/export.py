@@ -1,6 +1,7 @@
 """`jaxtune export`: a merged HF checkpoint (and optionally a PEFT adapter) from a base model and an adapter.
 
-A training run stores its adapter as a PEFT directory under `RUN/export/adapter`; `--run RUN` reads it there.
+A training run stores its adapter as a PEFT directory under `RUN/export/adapter` (or its recipe's
+`output.export_dir`); `--run RUN` reads it there.
 """
 
 from __future__ import annotations
@@ -42,7 +43,14 @@ def _export(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     adapter = Path(args.adapter) if args.adapter else None
     if args.run:
-        adapter = Path(args.run) / "export" / "adapter"
+        from jaxtune.files import is_url
+        from jaxtune.recipe import run_exports
+
+        exports = run_exports(args.run)
+        if is_url(exports):
+            raise SystemExit(f"jaxtune export: run {args.run} exported to {exports}; copy {exports}/adapter here "
+                             "(e.g. gcloud storage cp -r) and pass --adapter DIR")
+        adapter = Path(exports) / "adapter"
         if not adapter.is_dir():
             raise SystemExit(f"jaxtune export: {adapter} not found; a run stores its PEFT adapter there "
                              "(or pass --adapter DIR)")
@@ -76,7 +84,8 @@ def register(sub) -> None:
     e.add_argument("--model", required=True, help="base HF model directory")
     src = e.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="PEFT LoRA adapter directory (from jaxtune, PEFT or TRL)")
-    src.add_argument("--run", help="jaxtune run directory (reads its adapter from RUN/export/adapter)")
+    src.add_argument("--run", help="jaxtune run directory (reads its adapter from RUN/export/adapter, or from the "
+                                   "run's output.export_dir)")
     e.add_argument("--out", required=True, help="output directory for the merged model: new, empty or a previous "
                                                 "jaxtune export (replaced atomically)")
     e.add_argument("--peft-out", help="also write the adapter in PEFT format here")

@@ -25,6 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from jaxtune.files import write_text_atomic
 from jaxtune.jsonl import read_jsonl, write_jsonl
 
 PROBES_DIR = Path(__file__).resolve().parent / "probes"
@@ -167,6 +168,31 @@ def _rel(value: float, base: float) -> float:
 
 def _with_stop(tokens: list[int], reason: str) -> list:
     return list(tokens) + (["<stop>"] if reason == "stop" else [])
+
+
+# What a recorded baseline is: `baseline.json` last, since its presence marks the baseline as recorded.
+BASELINE_FILES = ("base_samples.jsonl", "base_probe_outputs.jsonl", "baseline.json")
+
+
+def baseline_files(run_dir: str | Path) -> dict[str, str] | None:
+    """The run dir's recorded baseline as text, file by file (None without one): each checkpoint carries it, so
+    a resume whose run dir is gone (a preempted VM's disk) keeps measuring against the same base."""
+    d = Path(run_dir) / "forgetting"
+    if not (d / "baseline.json").is_file():
+        return None
+    return {name: (d / name).read_text() for name in BASELINE_FILES if (d / name).is_file()}
+
+
+def restore_baseline(run_dir: str | Path, files: dict[str, str] | None) -> bool:
+    """Write a checkpoint's baseline (`baseline_files`) into a run dir that has none; True when written."""
+    d = Path(run_dir) / "forgetting"
+    if not files or (d / "baseline.json").is_file():
+        return False
+    d.mkdir(parents=True, exist_ok=True)
+    for name in BASELINE_FILES:
+        if name in files:
+            write_text_atomic(d / name, files[name])
+    return True
 
 
 class ForgettingMonitor:

@@ -190,8 +190,9 @@ def forgetting_hook(run: Run, state: TrainState):
     monitor = forgetting.ForgettingMonitor(run.tokenizer, cfg, run_dir=run.run_dir, mesh=run.mesh)
     if state.step > 0 and not monitor.recorded():  # measured now, the "base" would be the trained model
         raise ConfigError(f"resuming at step {state.step}: the forgetting baseline {run.run_dir}/forgetting/"
-                          "baseline.json is missing (a new run dir?) and cannot be measured on a trained model; "
-                          "copy forgetting/ from the first run dir, or resume with --set train.forgetting_every=0")
+                          "baseline.json is missing (a new run dir, and a checkpoint that does not carry it) and "
+                          "cannot be measured on a trained model; copy forgetting/ from the first run dir, or "
+                          "resume with --set train.forgetting_every=0")
     base = monitor.baseline(run.model(state))
     if state.step == 0:
         run.writer.write(0, base, "forgetting")
@@ -209,11 +210,13 @@ def forgetting_hook(run: Run, state: TrainState):
 
 def save_checkpoint(run: Run):
     """Weights, optimizer state and what an exact resume needs: the RNG key, the data loader's position,
-    the NaN guard's count; plus the recipe and provenance, and the eval loss keep_best ranks by."""
+    the NaN guard's count, the forgetting baseline; plus the recipe and provenance, and the eval loss keep_best
+    ranks by."""
     def fn(s: TrainState) -> None:
         meta = {"step": s.step, "rng": np.asarray(jax.random.key_data(s.key)).tolist(),
                 "data_state": run.loader.get_state(), "config": to_dict(run.cfg), "provenance": run.provenance,
-                "eval_loss": s.eval_loss, "bad_in_row": s.bad_in_row}
+                "eval_loss": s.eval_loss, "bad_in_row": s.bad_in_row,
+                "forgetting_baseline": forgetting.baseline_files(run.run_dir) if run.cfg.forgetting else None}
         run.ckpt.save(s.step, s.trainable, s.opt_state, meta, s.eval_loss)
         s.last_saved = s.step
 
@@ -228,10 +231,11 @@ class PreemptionNotice:
     process of the job takes at the same step (`agreed(step)`, called by all of them before each step).
 
     Where `jax.distributed` runs with its preemption service (on by default; jaxtune starts it on every TPU VM
-    and multi-process job) JAX owns SIGTERM and `reached_preemption_sync_point` names the step; otherwise a Python handler sets a flag (nothing else:
-    no saving inside a signal handler), restored to the previous handler on exit, and several processes
-    any-reduce their flags each step. One process reads its flag only. A handler can be installed in the main
-    thread only, and not over one installed outside Python; then the notice is not watched."""
+    and multi-process job) JAX owns SIGTERM and `reached_preemption_sync_point` names the step. Otherwise a
+    Python handler sets a flag (nothing else: no saving inside a signal handler), restored to the previous
+    handler on exit, and several processes any-reduce their flags each step; one process reads its flag only.
+    A handler can be installed in the main thread only, and not over one installed outside Python; then the
+    notice is not watched."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.cache import enable_compile_cache
+from jaxtune.eval import forgetting
 from jaxtune.faults import fault_at
 from jaxtune.files import as_path, write_text_atomic
 from jaxtune.model.config import parse_dtype
@@ -143,7 +144,7 @@ def set_up(cfg: RecipeConfig, *, resume: bool, stop_after: int | None) -> tuple[
                         async_save=t.async_checkpoint)
     fresh = TrainState(step=0, trainable=trainable, opt_state=opt_state, key=jax.random.key(t.seed))
     try:
-        state, note = restore(ckpt, loader, prov, fresh, resume=resume)
+        state, note = restore(ckpt, loader, prov, fresh, resume=resume, run_dir=run_dir)
     except BaseException:
         ckpt.close()  # a refused resume must not leave the checkpoint manager's threads behind
         raise
@@ -212,8 +213,8 @@ def make_loaders(cfg: RecipeConfig, train_examples, val_examples, tokenizer):
     return loader, eval_batches
 
 
-def restore(ckpt: Checkpointer, loader, prov: dict, fresh: TrainState, *,
-            resume: bool) -> tuple[TrainState, str | None]:
+def restore(ckpt: Checkpointer, loader, prov: dict, fresh: TrainState, *, resume: bool,
+            run_dir: Path | None = None) -> tuple[TrainState, str | None]:
     """`(state, note)`: `fresh` for a new run; the latest checkpoint's state (and the loader moved to its
     position) on `resume`. Refuses to start over a run dir that holds checkpoints without `resume`."""
     latest = ckpt.latest_step()
@@ -238,6 +239,8 @@ def restore(ckpt: Checkpointer, loader, prov: dict, fresh: TrainState, *,
                           "with also changes the loader: keep train.steps within them, or start a new "
                           "output.run_dir") from None
     step = int(meta["step"])
+    if run_dir is not None:  # a run dir that lost it (a new VM) gets the forgetting baseline back
+        forgetting.restore_baseline(run_dir, meta.get("forgetting_baseline"))
     key = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     return TrainState(step, trainable, opt_state, key, bad_in_row=int(meta.get("bad_in_row", 0)),
                       last_saved=step), f"resumed from checkpoint step {step} in {ckpt.directory}"
