@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,10 +46,7 @@ CASES = [
 
 def chips(topology: str) -> int:
     """Chips in a topology name such as `v5p:2x4x4`."""
-    n = 1
-    for d in topology.split(":")[1].split("x"):
-        n *= int(d)
-    return n
+    return math.prod(int(d) for d in topology.split(":")[1].split("x"))
 
 
 @bu.jaxtune_side
@@ -75,9 +73,7 @@ def compile_worker(s: dict) -> dict:
         return {"does_not_fit": str(e).splitlines()[0], "compile_seconds": time.perf_counter() - start,
                 "mesh": {k: v for k, v in mesh.shape.items() if v > 1}}
     seconds = time.perf_counter() - start
-    tokens = 1
-    for n in plan.batch_shape:
-        tokens *= n
+    tokens = math.prod(plan.batch_shape)
     per_token = train_flops_per_token(plan.model_config, cfg.data.seq_len, plan.n_params, plan.n_trainable)
     return {"platform": devices[0].platform, "device_kind": devices[0].device_kind, "devices": mesh.size,
             "mesh": {k: v for k, v in mesh.shape.items() if v > 1}, "compile_seconds": seconds,
@@ -91,8 +87,7 @@ WORKERS = {"compile": compile_worker}
 
 def run_case(recipe: str, mode: str, overrides: list[str], *, cpu: bool, timeout: float) -> dict:
     topology = TPU_TOPOLOGIES[recipe]
-    # One libtpu per host unless told otherwise; a compile-only client needs no exclusive chip.
-    env = {"JAX_PLATFORMS": "cpu", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_WORKER_HOSTNAMES": "localhost"}
+    env = {"JAX_PLATFORMS": "cpu", "TPU_WORKER_HOSTNAMES": "localhost"}
     if cpu:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={chips(topology)}"
         overrides = overrides + ["model.attention_impl=xla"]  # dense compiles fastest on CPU; same shapes

@@ -265,13 +265,13 @@ def test_experts_sharded_over_expert_axis_match_unsharded():
 def test_tpu_compiled_flops_scale_with_k_over_e():
     """On CPU ragged_dot runs as a dense dot over all groups; TPU's compiler keeps the groups, so the compiled
     forward costs about k/E of the dense all-experts forward."""
-    from jax.experimental import topologies
+    from jaxtune.train.plan import topology_devices
 
     e, k, h, i, n = 8, 2, 128, 256, 512
     cfg = MoECfg(hidden_size=h, moe_intermediate_size=i, num_experts=e, num_experts_per_tok=k)
     graphdef, state = nnx.split(nnx.eval_shape(lambda: MoE(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                                                            rngs=nnx.Rngs(0))))
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    devices = topology_devices("v5e:2x2")
     replicated = NamedSharding(Mesh(np.asarray(devices[:1]), ("x",)), P())
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), state)
     x = jax.ShapeDtypeStruct((4, n // 4, h), jnp.bfloat16, sharding=replicated)

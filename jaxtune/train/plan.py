@@ -184,12 +184,16 @@ def _memory(compiled) -> dict[str, int]:
 
 def topology_devices(name: str) -> list:
     """The devices of a TPU topology such as `v5e:2x4` or `v5p:2x4x4` (chips per dimension), from libtpu's
-    compile-only client: XLA:TPU compiles for them on a host without a TPU (`pip install 'jax[tpu]'`)."""
+    compile-only client: XLA:TPU compiles for them on a host without a TPU (`pip install 'jax[tpu]'`). A
+    compile-only client holds no chip, so it does not take libtpu's one-process-per-host lock: it runs beside
+    another libtpu process (a training run, a second compile)."""
     import importlib.util
+    import os
 
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"--topology {name}: compiling for a TPU without one needs libtpu "
                           "(pip install 'jax[tpu]', or jaxtune's [tpu-compile] extra)")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # read when libtpu first loads, below
     from jax.experimental import topologies
 
     try:
