@@ -68,7 +68,8 @@ def _export_dtype(dtype, source_dir, model):
         name = raw.get("dtype") or raw.get("torch_dtype")
         if name in DTYPES:
             return parse_dtype(name)
-    return jnp.dtype(model.embed_tokens.weight.dtype)
+    table = model.embed_tokens
+    return jnp.dtype(jnp.float32 if table.weight_quant is not None else table.weight.dtype)
 
 
 def save_merged(model, tokenizer, out_dir: str | Path, *, source_dir: str | Path | None = None, dtype=None,

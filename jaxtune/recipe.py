@@ -152,6 +152,9 @@ class RecipeConfig:
               "a lora: section is set but train.mode is full; remove the section or set train.mode: lora")
         _need(not (self.train.mode == "lora" and self.train.freeze), "train.freeze",
               "applies to train.mode: full only (LoRA freezes the base already)")
+        _need(not (self.lora is not None and self.lora.quantize and self.lora.quantize_scope == "all"
+                    and self.model.add_special_tokens), "lora.quantize_scope",
+              "'all' quantizes the embedding, which model.add_special_tokens must grow; use 'all-linear'")
         for axis, size in self.mesh.items():
             _need(axis in MESH_AXES, f"mesh.{axis}", f"unknown mesh axis; expected any of {MESH_AXES}")
             _need(size == -1 or size >= 1, f"mesh.{axis}", f"size {size} must be >= 1 or -1 (all remaining devices)")
@@ -365,6 +368,17 @@ def run_exports(run_dir: str | Path) -> str:
     output = raw.get("output") if isinstance(raw, dict) else None
     export_dir = output.get("export_dir") if isinstance(output, dict) else None
     return str(export_dir) if export_dir else str(Path(run_dir) / "export")
+
+
+def run_quantization(run_dir: str | Path) -> LoraConfig | None:
+    """The `lora:` section of the recipe a run saved when it trained against a quantized base (QLoRA), so a
+    later merge can rebuild the base the adapter was trained on; None otherwise."""
+    saved = Path(run_dir) / "config.yaml"
+    raw = yaml.safe_load(saved.read_text()) if saved.is_file() else None
+    section = raw.get("lora") if isinstance(raw, dict) else None
+    if not isinstance(section, dict) or not section.get("quantize"):
+        return None
+    return LoraConfig(**section)
 
 
 def dump_recipe(cfg: RecipeConfig) -> str:

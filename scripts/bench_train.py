@@ -2,6 +2,7 @@
 
     python scripts/bench_train.py --preset tiny --mode lora            # both sides, one table
     python scripts/bench_train.py --preset 8b --mode lora --memory-only # compiled memory estimate only
+    python scripts/bench_train.py --preset 8b --quantize nf4 --memory-only  # QLoRA (XLA:TPU: bench/recipe_compile.py)
 
 Each side runs in its own process (peak memory is per process): jaxtune's jitted `train_step` (donated
 buffers) and PyTorch eager `LlamaForCausalLM` (+ `peft` LoRA, SDPA attention) with `torch.optim.AdamW`, both
@@ -9,7 +10,8 @@ with global-norm clipping at 1.0, LoRA r=16 alpha=32 on all linear layers, rando
 synthetic full rows. Steady-state tokens/s is the median of the timed steps after warm-up (each step
 synchronised), with min and max. MFU uses `train.metrics.train_flops_per_token` against the chip's dense
 bf16 peak, with the parameter counts of the jaxtune side's model (`lora.apply.count_params`; PyTorch's
-process never loads JAX).
+process never loads JAX). `--quantize nf4|int8` stores the frozen base as QLoRA does (`lora.quantize_base`,
+the adapted linears); the PyTorch side is then not run (its counterpart is bitsandbytes on a GPU).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def settings(args) -> dict:
              scan_layers=args.scan if args.scan is not None else args.preset != "tiny",
              remat=args.remat or ("full" if args.preset == "8b" else "none"),
              attention=args.attention, loss_chunk=args.loss_chunk or (1024 if big and d["seq"] % 1024 == 0 else None),
-             lr=1e-4)
+             lr=1e-4, quantize=args.quantize)
     return d
 
 
@@ -58,6 +60,7 @@ def _jax_model(s: dict, abstract: bool = False):
     from jaxtune.hf.families import from_hf_config
     from jaxtune.lora.apply import apply_lora
     from jaxtune.lora.config import LoraConfig
+    from jaxtune.lora.quantize import quantize_base
     from jaxtune.model.transformer import Transformer
     from jaxtune.train.partition import split_trainable, trainable_filter
 
@@ -67,15 +70,27 @@ def _jax_model(s: dict, abstract: bool = False):
     # LoRA: frozen base stored in the compute dtype; full: fp32 master weights, compute in `dtype`.
     param_dtype = dtype if s["mode"] == "lora" else jnp.float32
 
-    def build():
-        model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        if s["mode"] == "lora":
-            apply_lora(model, LoraConfig(rank=s["lora_rank"], alpha=2 * s["lora_rank"], dropout=0.0,
-                                         target_modules="all-linear"), nnx.Rngs(1))
+    lcfg = LoraConfig(rank=s["lora_rank"], alpha=2 * s["lora_rank"], dropout=0.0, target_modules="all-linear",
+                      quantize=s.get("quantize"))
+
+    def adapt(model):
+        if lcfg.quantize is not None:
+            quantize_base(model, lcfg)
+        apply_lora(model, lcfg, nnx.Rngs(1))
         return model
 
-    model = nnx.eval_shape(build)
-    if not abstract:
+    def build():
+        model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        return adapt(model) if s["mode"] == "lora" else model
+
+    if abstract:
+        model = nnx.eval_shape(build)
+    elif lcfg.quantize is not None:  # quantize real random weights (random codes would all be zero)
+        model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        _fill_random(model)
+        adapt(model)
+    else:
+        model = nnx.eval_shape(build)
         _fill_random(model)
     if abstract:
         graphdef, trainable, frozen = nnx.split(model, trainable_filter(s["mode"]), ...)
@@ -193,7 +208,9 @@ def jax_count_worker(s: dict) -> dict:
 @bu.jaxtune_side
 def jax_memory_worker(s: dict) -> dict:
     """Compile the step on abstract arrays (no weights allocated) and report XLA's buffer assignment: an
-    estimate of device memory, labelled so, for shapes this machine cannot hold."""
+    estimate of device memory, labelled so, for shapes this machine cannot hold. With `quantize`, on CPU, XLA's
+    loop-invariant code motion is off as in `jaxtune train --dry-run`: it would hoist every scanned layer's
+    dequantized weights out of the layer loop (all 32 of an 8B model at once), which no accelerator does."""
     import jax
     import numpy as np
 
@@ -204,13 +221,16 @@ def jax_memory_worker(s: dict) -> dict:
     example = bu.synthetic_batch(s["batch"], s["seq"], 8, 0)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in example.items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))
-    compiled = step.lower(graphdef, trainable, frozen, opt_state, batch, rng).compile()
+    device = jax.devices()[0]
+    hoist_off = device.platform == "cpu" and s.get("quantize")
+    options = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if hoist_off else None
+    compiled = step.lower(graphdef, trainable, frozen, opt_state, batch, rng).compile(compiler_options=options)
     mem = compiled.memory_analysis()
     leaves = jax.tree.leaves((trainable, frozen, opt_state, batch))
     args = int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in leaves))
     temp = int(mem.temp_size_in_bytes)
     out_extra = int(mem.output_size_in_bytes - mem.alias_size_in_bytes)
-    return dict(side="jaxtune", device=jax.devices()[0].device_kind, compile_s=time.perf_counter() - t0,
+    return dict(side="jaxtune", device=device.device_kind, compile_s=time.perf_counter() - t0,
                 arguments=args, temp=temp, outputs_not_aliased=out_extra, total=args + temp + out_extra,
                 generated_code=int(mem.generated_code_size_in_bytes))
 
@@ -220,6 +240,9 @@ def jax_memory_worker(s: dict) -> dict:
 
 def hf_worker(s: dict) -> dict:
     import torch
+
+    if s.get("quantize"):
+        return {"side": "transformers", "skipped": "QLoRA: its PyTorch counterpart is bitsandbytes (GPU), not run here"}
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")
@@ -310,7 +333,8 @@ def table(s: dict, results: list[dict], counts: dict) -> str:
 def memory_table(s: dict, r: dict) -> str:
     head = (f"jaxtune compiled memory estimate ({r.get('device')}; XLA buffer assignment, not a measurement), "
             f"preset `{s['preset']}` {s['mode']}, batch {s['batch']} × seq {s['seq']}, {s['dtype']}, "
-            f"remat {s['remat']}, scan_layers {s['scan_layers']}, loss_chunk {s['loss_chunk']}")
+            f"remat {s['remat']}, scan_layers {s['scan_layers']}, loss_chunk {s['loss_chunk']}, attention "
+            f"{s['attention']}" + (f", base quantized {s['quantize']}" if s.get("quantize") else ""))
     if "total" not in r:
         return f"{head}: failed: {r.get('error')}\n{r.get('log')}"
     row = [bu.fmt_bytes(r["arguments"]), bu.fmt_bytes(r["temp"]), bu.fmt_bytes(r["outputs_not_aliased"]),
@@ -343,12 +367,15 @@ def main(argv=None) -> int:
     p.add_argument("--remat", choices=("none", "full", "dots"))
     p.add_argument("--loss-chunk", type=int)
     p.add_argument("--memory-only", action="store_true", help="jaxtune compiled memory estimate, no run")
+    p.add_argument("--quantize", choices=("nf4", "int8"), help="QLoRA: store the frozen base quantized (LoRA mode)")
     p.add_argument("--mem-cap-gb", type=float, help="GPU: cap the jaxtune process at this much device memory")
     bu.add_run_args(p, WORKERS, timeout=900, out="bench_train_<preset>_<mode>.{md,json}")
     args = p.parse_args(argv)
 
     if bu.dispatch_worker(args, WORKERS):
         return 0
+    if args.quantize and args.mode != "lora":
+        p.error("--quantize stores the frozen base of a LoRA run: use it with --mode lora")
 
     m = bu.machine()
     s = settings(args)
@@ -377,7 +404,8 @@ def main(argv=None) -> int:
     text = (f"{report}\n\n{envs}\n\nMachine: {bu.machine_markdown(m)}\n\n"
             f"Command: `{bu.command('bench_train.py', argv)}`\n")
     print(text)
-    stem = f"bench_train_{s['preset']}_{s['mode']}" + ("_memory" if args.memory_only else "")
+    stem = (f"bench_train_{s['preset']}_{s['mode']}" + (f"_{args.quantize}" if args.quantize else "")
+            + ("_memory" if args.memory_only else ""))
     bu.write_outputs(args.out, stem, text, {"settings": s, "machine": m, "results": results})
     return 0 if all("error" not in r for r in results) else 1
 

@@ -92,3 +92,48 @@ def test_plain_xla_turns_off_the_flag_alone(monkeypatch, plain):
     runtime.apply_default_cpu_flags(worker_env, modules={}, jaxlib_version="0.10.2")
     assert worker_env["XLA_FLAGS"].split().count(runtime.FAST_CPU_XLA_FLAGS) == (0 if plain else 1)
     assert bu.jax_env("gpu", fast_cpu_flags=not plain) == {}
+
+
+def test_quantize_flag_stores_the_base_quantized_from_real_weights():
+    """`--quantize nf4`: the frozen base the step compiles with is NF4 codes (arguments shrink), and the timed
+    run quantizes real random weights (codes drawn directly would all be zero)."""
+    from flax import nnx
+
+    from jaxtune.model.quant import Quantized
+
+    s = dict(preset="tiny", mode="lora", dtype="float32", scan_layers=True, remat="full", attention="xla",
+             lora_rank=16, seq=64, batch=1, loss_chunk=None, lr=1e-4, steps=1, warmup=0)
+    nf4 = bench_train.jax_memory_worker(dict(s, quantize="nf4"))
+    assert nf4["device"] == "cpu" and nf4["temp"] > 0
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    frozen_bytes = {q: nbytes(bench_train._jax_model(dict(s, quantize=q), abstract=True)[3]) for q in (None, "nf4")}
+    assert frozen_bytes["nf4"] < 0.4 * frozen_bytes[None]
+    _, _, _, frozen = bench_train._jax_model(dict(s, quantize="nf4"))
+    codes = [v for _, v in nnx.to_flat_state(frozen) if isinstance(v, Quantized)]
+    assert codes and all(np.asarray(v.get_value()).any() for v in codes)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_param_report_counts_the_quantized_base_at_its_stored_size(kind):
+    """`jaxtune params --quantize`: the QLoRA row's weights are the LoRA row's with each adapted linear's
+    bf16 bytes replaced by `quantized_nbytes`; parameters stay logical elements; adapters and AdamW as LoRA."""
+    import dataclasses
+
+    from jaxtune.lora.config import LoraConfig
+    from jaxtune.model.quant import quantized_nbytes
+    from jaxtune.train.partition import param_report
+
+    s = dict(preset="tiny", mode="lora", dtype="bfloat16", scan_layers=False, remat="none", attention="auto",
+             lora_rank=16)
+    cfg = bench_train._jax_model(s, abstract=True)[0]
+    lcfg = LoraConfig(rank=16, alpha=32, dropout=0.0, target_modules="all-linear", quantize=kind)
+    rep = param_report(cfg, lcfg)
+    assert rep == dataclasses.replace(param_report(cfg, dataclasses.replace(lcfg, quantize=None)),
+                                      qlora_memory=rep.qlora_memory)
+    h, i, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]
+    saved = L * sum(2 * o * n - quantized_nbytes((o, n), lcfg.quant_spec()) for o, n in shapes)
+    assert rep.qlora_memory["weights"] == rep.lora_memory["weights"] - saved > 0
+    assert {k: rep.qlora_memory[k] for k in ("grads", "optimizer")} == {
+        k: rep.lora_memory[k] for k in ("grads", "optimizer")}

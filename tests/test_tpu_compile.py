@@ -77,3 +77,38 @@ def test_topology_devices_run_beside_another_libtpu_process():
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_one_chip_topology():
+    """`v5e:1x1` is one chip on its own host: libtpu's default host is a 2x2 block, which it cannot hold."""
+    from jaxtune.train.plan import topology_devices
+
+    (device,) = topology_devices("v5e:1x1")
+    assert device.platform == "tpu"
+    assert len(topology_devices("v5e:2x2")) == 4
+
+
+def test_int8_weights_go_into_the_tpu_matmul_undequantized():
+    """XLA:TPU fuses the int8 codes' conversion into the matmul (the scale applies to its output): no bf16 copy
+    of the weight is materialised, where an NF4 weight is dequantized into one first."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxtune.model.layers import Linear
+    from jaxtune.model.quant import QuantSpec, quantize_param
+    from jaxtune.train.plan import topology_devices
+
+    sharding = jax.sharding.SingleDeviceSharding(topology_devices("v5e:1x1")[0])
+    temps = {}
+    for kind in ("int8", "nf4"):
+        linear = Linear(1024, 1024, bias=False, axes=("mlp", "embed"), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                        rngs=nnx.Rngs(0))
+        quantize_param(linear, "weight", QuantSpec(kind))
+        graphdef, state = nnx.split(linear)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), state)
+        x = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16, sharding=sharding)
+        compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(abstract, x).compile()
+        temps[kind] = compiled.memory_analysis().temp_size_in_bytes
+    weight_bf16 = 1024 * 1024 * 2
+    assert temps["int8"] < weight_bf16 <= temps["nf4"], temps

@@ -240,3 +240,18 @@ def test_killed_five_times_ends_bit_identical(stories_dir, short_alpaca, tmp_pat
     assert [r["step"] for r in rows if r["split"] == "train"] == list(range(1, steps + 1))
     whole = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows] == [r["loss"] for r in whole]
+
+
+def test_qlora_resume_ends_bit_identical(stories_dir, short_alpaca, tmp_path):
+    """Checkpoints hold the adapter and optimizer only: a resumed QLoRA run re-quantizes the base at load, which
+    must give the very base it trained against (the model's down_proj input, 172, makes NF4 blocks cross rows)."""
+    qlora = {"quantize": "nf4", "quantize_scope": "all-linear"}
+    whole = _write_recipe(tmp_path / "a.yaml", stories_dir, short_alpaca, tmp_path / "a", lora=qlora)
+    assert main(["train", str(whole)]) == 0
+    recipe = _write_recipe(tmp_path / "b.yaml", stories_dir, short_alpaca, tmp_path / "b", lora=qlora)
+    assert main(["train", str(recipe), "--stop-after", "2"]) == 0
+    assert main(["train", str(recipe), "--resume"]) == 0
+    a, b = _saved(tmp_path / "a", 4), _saved(tmp_path / "b", 4)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name

@@ -7,6 +7,7 @@ A training run stores its adapter as a PEFT directory under `RUN/export/adapter`
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from jaxtune.cli.args import DTYPE_CHOICES
@@ -42,9 +43,12 @@ def _export(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model)
     adapter = Path(args.adapter) if args.adapter else None
+    qlora = None
     if args.run:
         from jaxtune.files import is_url
-        from jaxtune.recipe import run_exports
+        from jaxtune.recipe import run_exports, run_quantization
+
+        qlora = run_quantization(args.run)
 
         exports = run_exports(args.run)
         if is_url(exports):
@@ -62,7 +66,14 @@ def _export(args: argparse.Namespace) -> int:
     for target in filter(None, (args.out, args.peft_out)):  # refuse before the slow part, not after --out is written
         check_target(target, force=args.force, protect=protect)
     # Base weights stay in their stored dtype (exact); merging upcasts each tensor to fp32 anyway.
-    model = load_pretrained(model_dir, dtype=jnp.float32, param_dtype=_source_param_dtype(model_dir))
+    prepare = None
+    if qlora is not None:
+        from jaxtune.lora.quantize import quantize_base
+
+        print(f"run {args.run} trained against a {qlora.quantize} base: merging onto that base, dequantized")
+        prepare = functools.partial(quantize_base, cfg=qlora)
+    model = load_pretrained(model_dir, dtype=jnp.float32, param_dtype=_source_param_dtype(model_dir),
+                            prepare=prepare)
     if adapter is not None:
         model = load_peft_adapter(model, adapter)
     tok_dir = next((d for d in (adapter, model_dir) if d is not None and _has_tokenizer(d)), None)

@@ -146,7 +146,8 @@ def _gib(n: int) -> str:
 
 
 def params_lines(model_dir: str, rank: int, alpha: float | None, targets: str, dtype: str,
-                 optimizer: str = "adamw", target_parameters: str | None = None) -> list[str]:
+                 optimizer: str = "adamw", target_parameters: str | None = None, quantize: str | None = None,
+                 quantize_scope: str = "targets") -> list[str]:
     from jaxtune.hf.load import load_config
     from jaxtune.lora.config import LoraConfig
     from jaxtune.model.config import dtype_name, parse_dtype
@@ -156,7 +157,7 @@ def params_lines(model_dir: str, rank: int, alpha: float | None, targets: str, d
     cfg = load_config(model_dir)
     experts = [s.strip() for s in (target_parameters or "").split(",") if s.strip()] or None
     lcfg = LoraConfig(rank=rank, alpha=2.0 * rank if alpha is None else alpha, target_modules=_targets(targets),
-                      target_parameters=experts, dropout=0.0)
+                      target_parameters=experts, dropout=0.0, quantize=quantize, quantize_scope=quantize_scope)
     rep = param_report(cfg, lcfg, parse_dtype(dtype, "--dtype"), OptimConfig(name=optimizer))
     total = rep.base_params + rep.lora_params
     lines = [
@@ -165,10 +166,13 @@ def params_lines(model_dir: str, rank: int, alpha: float | None, targets: str, d
         + (f" + {', '.join(experts)}" if experts else "") + f" ({rep.lora_modules} modules)",
         f"trainable    {rep.lora_params:,} / {total:,} = {100 * rep.lora_fraction:.4f}% (LoRA)",
         f"             {rep.base_params:,} / {rep.base_params:,} = 100% (full fine-tune)",
-        f"memory       base weights {dtype_name(dtype)}, LoRA fp32, optimizer {optimizer}; activations excluded",
+        f"memory       base weights {dtype_name(dtype)}"
+        + (f" (QLoRA: {quantize}, scope {quantize_scope})" if quantize else "")
+        + f", LoRA fp32, optimizer {optimizer}; activations excluded",
         f"{'':13}{'weights':>13}{'grads':>13}{'optimizer':>13}{'total':>13}",
     ]
-    for label, mem in (("LoRA", rep.lora_memory), ("full", rep.full_memory)):
+    rows = [("LoRA", rep.lora_memory)] + ([(f"QLoRA {quantize}", rep.qlora_memory)] if quantize else [])
+    for label, mem in rows + [("full", rep.full_memory)]:
         lines.append(f"  {label:<11}" + "".join(f"{_gib(mem[k]):>13}" for k in ("weights", "grads", "optimizer",
                                                                                    "total")))
     return lines
@@ -176,7 +180,7 @@ def params_lines(model_dir: str, rank: int, alpha: float | None, targets: str, d
 
 def _params(args: argparse.Namespace) -> int:
     print("\n".join(params_lines(args.model_dir, args.lora_rank, args.lora_alpha, args.targets, args.dtype,
-                                 args.optimizer, args.target_parameters)))
+                                 args.optimizer, args.target_parameters, args.quantize, args.quantize_scope)))
     return 0
 
 
@@ -197,4 +201,8 @@ def register(sub) -> None:
                    help="MoE expert tensors as PEFT names them, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="bf16", help="base weight dtype")
     p.add_argument("--optimizer", choices=("adamw", "adafactor", "sgd"), default="adamw")
+    p.add_argument("--quantize", choices=("nf4", "int8"), default=None,
+                   help="also report QLoRA: the frozen base stored as the recipe's lora.quantize would store it")
+    p.add_argument("--quantize-scope", choices=("targets", "all-linear", "all"), default="targets",
+                   help="which base weights --quantize stores quantized (lora.quantize_scope)")
     p.set_defaults(func=_params)

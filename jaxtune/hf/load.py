@@ -5,19 +5,22 @@ Only safetensors by default (pickle `.bin` needs `allow_pickle=True`); remote co
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxtune.hf import bnb
 from jaxtune.hf.families import Family, family, from_hf_config
 from jaxtune.hf.safetensors import CheckpointError, Tensor, read_header, read_safetensors
 from jaxtune.hf.tensors import Gather
 from jaxtune.model.config import ModelConfig, UnsupportedConfigError
+from jaxtune.model.quant import quantize_weight
 from jaxtune.model.sharding import variable_sharding
 from jaxtune.model.transformer import Transformer
 
@@ -71,8 +74,11 @@ def weight_headers(model_dir: Path, fam: Family, allow_pickle: bool = False) -> 
     out: dict[Path, dict | None] = {}
     for f in weight_files(model_dir, allow_pickle):
         out[f] = read_header(f) if f.suffix == ".safetensors" else None
-        for name, (dtype, _) in (out[f] or {}).items():
-            _refuse_integer(fam, f, name, dtype)
+    quantized = bnb.quantized_names(name for header in out.values() for name in header or {})
+    for f, header in out.items():
+        for name, (dtype, _) in (header or {}).items():
+            if name not in quantized:
+                _refuse_integer(fam, f, name, dtype)
     return out
 
 
@@ -132,6 +138,7 @@ def generation_eos(model_dir: str | Path) -> tuple[int, ...]:
 def read_config(model_dir: str | Path, **runtime):
     """(the `transformers` config, ModelConfig) of an HF model dir; every refusal names its config.json."""
     hf = load_hf_config(model_dir)
+    bnb.quantization(model_dir)
     runtime.setdefault("generation_eos_token_id", generation_eos(model_dir))
     try:
         return hf, from_hf_config(hf, **runtime)
@@ -153,17 +160,27 @@ def _model_path(path: tuple, cfg: ModelConfig) -> tuple[tuple, int | None]:
 
 def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh | None = None, *,
                     param_dtype=None, allow_pickle: bool = False, rules: dict | None = None,
-                    **runtime) -> Transformer:
+                    prepare: Callable[[Transformer], Transformer] | None = None, **runtime) -> Transformer:
     """Build the model abstractly, then fill each parameter from the checkpoint in `param_dtype` (default
-    `dtype`), placed with the mesh's sharding rules. `runtime` sets ModelConfig options (scan_layers, remat…)."""
+    `dtype`), placed with the mesh's sharding rules. `runtime` sets ModelConfig options (scan_layers, remat…).
+    `prepare` reshapes the abstract model first: a weight it quantizes (`lora.quantize.quantize_base`) is
+    quantized as its tensor is read, one layer at a time, so the float base is never whole in memory."""
     model_dir = Path(path)
     cfg = load_config(model_dir, **runtime)
     param_dtype = param_dtype or dtype
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    states = _bnb_states(model_dir, family(cfg.model_type), allow_pickle)
+
+    def build():
+        model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
+        if states:
+            bnb.prepare(model, states, family(cfg.model_type).tensors, cfg, lambda p: _model_path(p, cfg))
+        return model if prepare is None else prepare(model)
+
+    abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     filled = _fill(model_dir, cfg, flat, allow_pickle, lambda var: (
-        variable_sharding(var, mesh, rules) if mesh is not None else None))
+        variable_sharding(var, mesh, rules) if mesh is not None else None), states)
     for p, var in flat.items():
         var.set_value(filled[p]) if hasattr(var, "set_value") else setattr(var, "value", filled[p])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -175,11 +192,27 @@ def _check_shape(source, path: tuple, shape, want) -> None:
                               f"expects {tuple(want)}")
 
 
-def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sharding_of) -> dict[tuple, jax.Array]:
+def _bnb_states(model_dir: Path, fam: Family, allow_pickle: bool) -> dict[str, bnb.State]:
+    """The bitsandbytes quant state of every weight stored 4-bit (none for a float checkpoint); quantized tensors
+    in a checkpoint whose config.json declares no quantization are refused."""
+    headers = weight_headers(model_dir, fam, allow_pickle)
+    if bnb.quantization(model_dir) is not None:
+        return bnb.read_states(list(headers))
+    quantized = bnb.quantized_names(name for header in headers.values() for name in header or {})
+    if quantized:
+        raise CheckpointError(f"{model_dir}: tensor {min(quantized)!r} is bitsandbytes-quantized but "
+                              "config.json has no quantization_config; restore the config saved with it")
+    return {}
+
+
+def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sharding_of,
+          states: dict | None = None) -> dict[tuple, jax.Array]:
     """Every parameter of `flat` from the checkpoint, through the family's tensor table (transforms run on the
-    host, per rule as soon as its tensors are read; scanned layers are stacked at the end)."""
+    host, per rule as soon as its tensors are read; scanned layers are stacked at the end). `states` names the
+    weights stored bitsandbytes 4-bit: their codes and scales go to the quantized leaves as they are."""
     fam = family(cfg.model_type)
     table, gather = fam.tensors, Gather(fam.tensors, cfg, str(model_dir))
+    collector = bnb.Collector(states or {}, str(model_dir))
     stacked: dict[tuple, dict[int, np.ndarray]] = {}
     filled: dict[tuple, jax.Array] = {}
 
@@ -190,10 +223,23 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
         sharding = sharding_of(var)
         filled[path] = jax.device_put(arr, sharding) if sharding is not None else jnp.asarray(arr)
 
+    def put_parts(p, layer, parts, source):
+        for part, value in parts.items():
+            q = p if part == "weight" else (*p[:-1], f"{p[-1]}_{part}")
+            if layer is None:
+                place(q, value, source)
+            else:
+                stacked.setdefault(q, {})[layer] = value
+
     def put(pairs, source):
         for nnx_path, arr in pairs:
             p, layer = _model_path(nnx_path, cfg)
-            if layer is None:
+            spec = flat[p].get_metadata().get("quant") if p in flat else None
+            if spec is not None:
+                want = _float_shape(flat[p].shape[1:] if layer is not None else flat[p].shape, spec)
+                _check_shape(source, nnx_path, arr.shape, want)
+                put_parts(p, layer, _quantize(np.asarray(arr), spec), source)
+            elif layer is None:
                 place(p, arr, source)
             else:
                 _check_shape(source, nnx_path, arr.shape, flat[p].shape[1:])
@@ -201,6 +247,15 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
 
     files = list(weight_headers(model_dir, fam, allow_pickle))  # every header checked before any bytes are read
     for file, name, arr in _iter_tensors(files):
+        if collector.claims(name):
+            done = collector.add(file, name, arr)
+            if done is not None:
+                hit = table.match_hf(done[0])
+                if hit is None:
+                    raise CheckpointError(f"{file}: tensor {done[0]!r} has no place in a {cfg.model_type} model")
+                p, layer = _model_path(table.nnx_path(hit.rule, hit.slot, hit.layer), cfg)
+                put_parts(p, layer, done[1], f"{file}: tensor {done[0]!r}")
+            continue
         _refuse_integer(fam, file, name, arr.dtype)
         hit = table.match_hf(name)
         paths = [] if hit is None else table.nnx_paths(hit.rule, hit.layer)
@@ -213,6 +268,7 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
                                   "config (unsupported architecture variant or mismatched config.json)")
         put(gather.add(hit, arr), f"{file}: tensor {name!r}")
     put(gather.finish(), model_dir)
+    collector.finish()
     for p, per_layer in stacked.items():
         layers = cfg.layer_stacks[p[0]]
         if sorted(per_layer) != list(range(len(layers))):
@@ -225,6 +281,22 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
         names = ", ".join("/".join(map(str, p)) for p in missing[:5])
         raise CheckpointError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) the config needs: {names}")
     return filled
+
+
+def _float_shape(shape, spec) -> tuple:
+    """The checkpoint's shape of a weight stored quantized with `spec` (NF4 packs two codes a byte)."""
+    return (*shape[:-1], shape[-1] * 2) if spec.kind == "nf4" else tuple(shape)
+
+
+def _quantize(arr: np.ndarray, spec) -> dict[str, np.ndarray]:
+    """One checkpoint tensor quantized on the default device, its parts brought back to the host."""
+    parts = _quantize_jit(jnp.asarray(arr), spec)
+    return {k: np.asarray(v) for k, v in parts.items()}
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_jit(w, spec):
+    return quantize_weight(w, spec)
 
 
 def kept_tensors(model_dir: str | Path, fam: Family) -> list[Tensor]:

@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -19,6 +20,7 @@ from jaxtune.hf.families import family, from_hf_config
 from jaxtune.hf.safetensors import Tensor, write_safetensors
 from jaxtune.hf.tensors import hf_outputs
 from jaxtune.model.config import ModelConfig, dtype_name
+from jaxtune.model.quant import dequantize, is_companion, part_names
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -65,27 +67,35 @@ def host_array(x) -> np.ndarray:
 
 def hf_tensors(model, dtype=None) -> list[Tensor]:
     """Every weight of `model` under its HF name, LoRA merged (fp32 math, one cast to `dtype` or the
-    parameter's own dtype). A tied head has no `lm_head.weight`, as in HF checkpoints. Each tensor comes to
-    the host whole (`host_array`) only when it is read, so a multi-process job holds one at a time."""
+    parameter's own dtype; fp32 for a quantized one, which is dequantized first). A tied head has no
+    `lm_head.weight`, as in HF checkpoints. Each tensor comes to the host whole (`host_array`) only when it is
+    read, so a multi-process job holds one at a time."""
     cfg: ModelConfig = model.config
     adapters = _adapters(model)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     entries = []
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(var, nnx.LoRAParam):
+    for path, var in flat.items():
+        if isinstance(var, nnx.LoRAParam) or is_companion(var):
             continue
         lora = adapters.get(path)
-        out_dtype = dtype or var.dtype
+        spec = var.get_metadata().get("quant")
+        parts = {"weight": var} if spec is None else {
+            "weight": var, **{p: flat[(*path[:-1], f"{path[-1]}_{p}")] for p in part_names(spec)}}
+        out_dtype = dtype or (jnp.float32 if spec is not None else var.dtype)
         stack = cfg.layer_stacks.get(path[0])
         for j, layer in (enumerate(stack) if stack else [(None, None)]):
-            def make(var=var, lora=lora, j=j, out_dtype=out_dtype):
+            def make(parts=parts, spec=spec, lora=lora, j=j, out_dtype=out_dtype):
                 take = (lambda x: x) if j is None else (lambda x: x[j])
-                w = take(var[...])
+                values = {p: take(v[...]) for p, v in parts.items()}
+                w = values["weight"] if spec is None else dequantize(values, spec, jnp.float32)
                 if lora is None:
                     return w.astype(out_dtype)
                 lora_a, lora_b, scale, merge = lora
                 return merge(w, take(lora_a[...]), take(lora_b[...]), scale, out_dtype)
 
             shape = var.shape[1:] if stack else var.shape
+            if spec is not None:
+                shape = (*shape[:-1], shape[-1] * (2 if spec.kind == "nf4" else 1))
             per_layer = path if layer is None else ("layers", layer, *path[1:])
             entries.append((per_layer, make, jax.ShapeDtypeStruct(shape, out_dtype)))
     # Gathered after the family's transform, per HF tensor: a rule's outputs (e.g. one layer's experts) stay
@@ -144,14 +154,16 @@ _RUNTIME = ("scan_layers", "remat", "attention_impl", "generation_eos_token_id")
 
 
 def hf_config_from_source(cfg: ModelConfig, source_dir: Path, dtype) -> dict:
-    """The source `config.json` with every original field kept; only vocab size, special-token ids (when the
-    model's differ) and dtype are rewritten. Any other difference means the model is not that checkpoint."""
+    """The source `config.json` with every original field kept but a quantization_config; only vocab size,
+    special-token ids (when the model's differ) and dtype are rewritten. Any other difference means the model
+    is not that checkpoint."""
     from jaxtune.hf.load import load_hf_config
 
     path = Path(source_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: source_dir must be the HF model directory the model came from")
     raw = json.loads(path.read_text())
+    raw.pop("quantization_config", None)  # a merged export holds float weights, even from a 4-bit source
     src = from_hf_config(load_hf_config(source_dir), **{f: getattr(cfg, f) for f in _RUNTIME})
     for field in cfg.__dataclass_fields__:
         ours, theirs = getattr(cfg, field), getattr(src, field)

@@ -26,6 +26,7 @@ from jaxtune.hf.families import family, nnx_to_hf
 from jaxtune.lora.config import LoraConfig, LoraConfigError
 from jaxtune.model.layers import Linear, merged_weight
 from jaxtune.model.moe import EXPERT_PARAMETERS, Experts, merged_expert_weight
+from jaxtune.model.quant import is_companion, logical_shape, param_value, unquantize_param
 from jaxtune.model.sharding import variable_sharding
 
 Array = jax.Array
@@ -125,7 +126,7 @@ def _parameter_names(model) -> Iterator[tuple[str, bool]]:
     """(HF name, whether it is an expert tensor) of every base parameter, per layer, as PEFT names them."""
     experts = {path for path, _ in _expert_modules(model)}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(var, nnx.LoRAParam):
+        if isinstance(var, nnx.LoRAParam) or is_companion(var):
             continue
         for i in _layers_of(model, path):
             if path[:-1] in experts:
@@ -323,7 +324,7 @@ def apply_lora(model, cfg: LoraConfig, rngs: nnx.Rngs | int = 0, *, rules: dict 
             if not chosen:
                 continue
             rank, alpha = _one_spec(plan, chosen, (*path, param))
-            num_experts, fan_out, fan_in = getattr(experts, param).shape[-3:]
+            num_experts, fan_out, fan_in = logical_shape(experts, param)[-3:]
             a, b = _init_factors(rngs, names, plan, rank * num_experts, fan_in, fan_out, layers != [None])
             _set_expert_adapter(experts, param, a, b, cfg.scale(rank, alpha), rules)
     model.lora_config = cfg
@@ -363,14 +364,27 @@ def expert_lora_sites(model) -> Iterator[tuple[str, Experts, str, int | None]]:
 # ---------------------------------------------------------------------------------------------- merge
 
 
+def _float_dtype(module, name: str = "weight"):
+    """The merged weight's dtype: the base's own, or fp32 where the base is stored quantized."""
+    return jnp.float32 if getattr(module, f"{name}_quant") is not None else getattr(module, name).dtype
+
+
+def _set_merged(module, name: str, value) -> None:
+    if getattr(module, f"{name}_quant") is not None:
+        unquantize_param(module, name, value)
+    else:
+        getattr(module, name).set_value(value)
+
+
 def merge_lora(model):
-    """A new model with every adapter folded into its base weight and removed (the input is untouched)."""
+    """A new model with every adapter folded into its base weight and removed (the input is untouched); a
+    quantized base weight becomes the fp32 dequantized weight plus the adapter."""
     new = nnx.clone(model)
     for _, linear, _ in _linear_sites(new):
         if linear.lora_A is None:
             continue
-        linear.weight.set_value(merged_weight(linear.weight[...], linear.lora_A[...], linear.lora_B[...],
-                                              linear.lora_scale))
+        _set_merged(linear, "weight", merged_weight(param_value(linear, "weight", jnp.float32), linear.lora_A[...],
+                                                    linear.lora_B[...], linear.lora_scale, _float_dtype(linear)))
         linear.lora_A = linear.lora_B = None
         linear.lora_scale = linear.lora_dropout = 0.0
         linear.lora_merged_forward = False
@@ -379,9 +393,9 @@ def merge_lora(model):
             lora_a = getattr(experts, f"{param}_lora_A")
             if lora_a is None:
                 continue
-            weight = getattr(experts, param)
-            weight.set_value(merged_expert_weight(weight[...], lora_a[...], getattr(experts, f"{param}_lora_B")[...],
-                                                  getattr(experts, f"{param}_lora_scale")))
+            _set_merged(experts, param, merged_expert_weight(
+                param_value(experts, param, jnp.float32), lora_a[...], getattr(experts, f"{param}_lora_B")[...],
+                getattr(experts, f"{param}_lora_scale"), _float_dtype(experts, param)))
             setattr(experts, f"{param}_lora_A", None)
             setattr(experts, f"{param}_lora_B", None)
             setattr(experts, f"{param}_lora_scale", 0.0)

@@ -7,6 +7,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jaxtune.model.quant import BLOCKSIZES, QuantSpec
+from jaxtune.model.quant import KINDS as QUANT_KINDS
+
+QUANTIZE_SCOPES = ("targets", "all-linear", "all")
+
 
 class LoraConfigError(ValueError):
     """A LoRA configuration (recipe section or PEFT adapter_config.json) that cannot be applied as written."""
@@ -50,7 +55,13 @@ class LoraConfig:
     `target_parameters`: MoE expert tensors (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`, or full names
     such as `model.layers.0.mlp.experts.down_proj`), matched on the full parameter name or a dotted suffix of it;
     as in PEFT, `layers_to_transform` and `exclude_modules` do not apply to them, they take no dropout, and
-    `target_modules: []` adapts the experts alone (the default "all-linear" adds the decoder linears)."""
+    `target_modules: []` adapts the experts alone (the default "all-linear" adds the decoder linears).
+
+    `quantize` (QLoRA): store the frozen base `int8` (per output channel) or `nf4` (blocks of `quant_blocksize`,
+    scales double-quantized unless `double_quant: false`), dequantized in the step before each matmul.
+    `quantize_scope`: `targets` (the adapted linears and expert tensors), `all-linear` (every decoder linear and
+    expert tensor), `all` (also the embedding and an untied lm_head). Not written to adapter_config.json: the
+    adapter is the same PEFT adapter, trained against the quantized base."""
 
     rank: int = 16
     alpha: float = 32.0
@@ -63,6 +74,10 @@ class LoraConfig:
     rank_pattern: tuple[tuple[str, int], ...] = ()
     alpha_pattern: tuple[tuple[str, float], ...] = ()
     target_parameters: tuple[str, ...] | None = None
+    quantize: str | None = None
+    quantize_scope: str = "targets"
+    quant_blocksize: int = 64
+    double_quant: bool = True
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
@@ -98,6 +113,22 @@ class LoraConfig:
         set_("alpha_pattern", _as_pattern(self.alpha_pattern, "alpha_pattern", float))
         if any(r < 1 for _, r in self.rank_pattern):
             raise LoraConfigError(f"lora.rank_pattern ranks must be positive, got {dict(self.rank_pattern)}")
+        if self.quantize is not None and self.quantize not in QUANT_KINDS:
+            raise LoraConfigError(f"lora.quantize must be one of {', '.join(QUANT_KINDS)} or null, got "
+                                  f"{self.quantize!r}")
+        if self.quantize_scope not in QUANTIZE_SCOPES:
+            raise LoraConfigError(f"lora.quantize_scope must be one of {', '.join(QUANTIZE_SCOPES)}, got "
+                                  f"{self.quantize_scope!r}")
+        if self.quant_blocksize not in BLOCKSIZES:
+            raise LoraConfigError(f"lora.quant_blocksize must be one of {BLOCKSIZES}, got {self.quant_blocksize!r}")
+        if not isinstance(self.double_quant, bool):
+            raise LoraConfigError(f"lora.double_quant must be true or false, got {self.double_quant!r}")
+
+    def quant_spec(self) -> QuantSpec | None:
+        """How the frozen base is stored, or None for a float base."""
+        if self.quantize is None:
+            return None
+        return QuantSpec(self.quantize, blocksize=self.quant_blocksize, double_quant=self.double_quant)
 
     def scale(self, rank: int, alpha: float) -> float:
         """PEFT's scaling: alpha/rank, or alpha/√rank with rsLoRA."""

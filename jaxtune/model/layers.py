@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxtune.model.config import ModelConfig
+from jaxtune.model.quant import param_parts, param_value, recomputed
 
 Array = jax.Array
 
@@ -34,7 +35,9 @@ class Linear(nnx.Module):
     """`y = x Wᵀ (+ b) + scale · dropout(x) Aᵀ Bᵀ`; LoRA leaves (PEFT layout) are absent until `lora.apply_lora`.
 
     `lora_merged_forward` (static, set by whoever attaches the adapter) computes `x (W + scale·B·A)ᵀ` instead
-    when no dropout applies: the same function, one full-width matmul instead of two rank-r ones."""
+    when no dropout applies: the same function, one full-width matmul instead of two rank-r ones. A quantized
+    W (`weight_quant`, see model/quant.py) is dequantized right before its matmul; int8 codes go into the
+    matmul as they are, their per-channel scale applied to its output."""
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, axes: tuple[str, str],
                  dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
@@ -47,21 +50,32 @@ class Linear(nnx.Module):
         self.lora_scale = 0.0
         self.lora_dropout = 0.0
         self.lora_merged_forward = False
+        self.weight_quant = None
 
     def __call__(self, x: Array, dropout_rng: Array | None = None) -> Array:
         x = x.astype(self.dtype)
         if self.lora_dropout <= 0.0:
             dropout_rng = None
-        if self.lora_A is not None and self.lora_merged_forward and dropout_rng is None:
-            return self._dense(x, merged_weight(self.weight[...], self.lora_A[...], self.lora_B[...],
-                                                self.lora_scale, self.dtype))
-        y = self._dense(x, self.weight[...].astype(self.dtype))
-        if self.lora_A is not None:
+        merged = self.lora_A is not None and self.lora_merged_forward and dropout_rng is None
+        base = self._merged if merged else self._base
+        y = base(x) if self.weight_quant is None else recomputed(base)(x)
+        if self.lora_A is not None and not merged:
             y = y + self._lora(x, dropout_rng)
         return y
 
-    def _dense(self, x: Array, w: Array) -> Array:
+    def _merged(self, x: Array) -> Array:
+        return self._dense(x, merged_weight(param_value(self, "weight", jnp.float32), self.lora_A[...],
+                                            self.lora_B[...], self.lora_scale, self.dtype))
+
+    def _base(self, x: Array) -> Array:
+        if self.weight_quant is None or self.weight_quant.kind != "int8":
+            return self._dense(x, param_value(self, "weight", self.dtype))
+        parts = param_parts(self, "weight")
+        return self._dense(x, parts["weight"].astype(self.dtype), parts["scale"].astype(self.dtype))
+
+    def _dense(self, x: Array, w: Array, out_scale: Array | None = None) -> Array:
         y = jnp.einsum("...i,oi->...o", x, w)
+        y = y if out_scale is None else y * out_scale
         return y + self.bias[...].astype(self.dtype) if self.bias is not None else y
 
     def _lora(self, x: Array, dropout_rng: Array | None) -> Array:
@@ -74,16 +88,23 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
+    """The token table; a quantized one (`weight_quant`) is dequantized whole where it is read, which costs one
+    table's worth of temporaries per step for what it saves in resident memory."""
+
     def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, std: float = 0.02):
         self.dtype = dtype
         self.weight = nnx.Param(_normal(rngs, (vocab, dim), std, param_dtype), axes=("vocab", "embed"))
+        self.weight_quant = None
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        if self.weight_quant is None:
+            return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(param_value(self, "weight", self.dtype), ids, axis=0)
 
     def attend(self, x: Array) -> Array:
         """Tied output head: logits against the embedding table."""
-        return jnp.einsum("...d,vd->...v", x, self.weight[...].astype(self.dtype))
+        logits = lambda h: jnp.einsum("...d,vd->...v", h, param_value(self, "weight", self.dtype))  # noqa: E731
+        return logits(x) if self.weight_quant is None else recomputed(logits)(x)
 
 
 class RMSNorm(nnx.Module):

@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxtune.model.config import UnsupportedConfigError
 from jaxtune.model.layers import _normal, merged_weight
+from jaxtune.model.quant import param_value, recomputed
 
 Array = jax.Array
 
@@ -106,14 +107,24 @@ class Experts(nnx.Module):
         self.down_proj_lora_A: nnx.LoRAParam | None = None
         self.down_proj_lora_B: nnx.LoRAParam | None = None
         self.down_proj_lora_scale = 0.0
+        self.gate_up_proj_quant = None
+        self.down_proj_quant = None
 
     def weight(self, name: str) -> Array:
-        """`gate_up_proj` or `down_proj` in the compute dtype, with its adapter merged in when one is attached."""
-        w, lora_a = getattr(self, name)[...], getattr(self, f"{name}_lora_A")
+        """`gate_up_proj` or `down_proj` in the compute dtype (dequantized if quantized), with its adapter merged
+        in when one is attached."""
+        lora_a = getattr(self, f"{name}_lora_A")
         if lora_a is None:
-            return w.astype(self.dtype)
-        return merged_expert_weight(w, lora_a[...], getattr(self, f"{name}_lora_B")[...],
-                                    getattr(self, f"{name}_lora_scale"), self.dtype)
+            return param_value(self, name, self.dtype)
+        return merged_expert_weight(param_value(self, name, jnp.float32), lora_a[...],
+                                    getattr(self, f"{name}_lora_B")[...], getattr(self, f"{name}_lora_scale"),
+                                    self.dtype)
+
+    def _grouped(self, name: str, rows: Array, sizes: Array) -> Array:
+        """`rows` (grouped by expert) times their expert's `name` weight; a quantized weight (or one merged
+        from a quantized base) is rebuilt in the backward pass, not kept."""
+        matmul = lambda r: jax.lax.ragged_dot_general(r, self.weight(name), sizes, _GROUPED)  # noqa: E731
+        return matmul(rows) if getattr(self, f"{name}_quant") is None else recomputed(matmul)(rows)
 
     def __call__(self, x: Array, experts: Array, weights: Array) -> Array:
         """`x[N, H]`, `experts[N, k]` ids, `weights[N, k]` → `Σ_slots weight · expert(x)` [N, H]."""
@@ -122,8 +133,8 @@ class Experts(nnx.Module):
         order = jnp.argsort(flat, stable=True)
         sizes = jnp.bincount(flat, length=self.gate_up_proj.shape[0]).astype(jnp.int32)
         rows = x.astype(self.dtype)[order // k]
-        gate, up = jnp.split(jax.lax.ragged_dot_general(rows, self.weight("gate_up_proj"), sizes, _GROUPED), 2, -1)
-        out = jax.lax.ragged_dot_general(self.act(gate) * up, self.weight("down_proj"), sizes, _GROUPED)
+        gate, up = jnp.split(self._grouped("gate_up_proj", rows, sizes), 2, -1)
+        out = self._grouped("down_proj", self.act(gate) * up, sizes)
         out = out[jnp.argsort(order)].reshape(n, k, -1)
         scaled = (out.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]).astype(self.dtype)
         return jnp.sum(scaled.astype(jnp.float32), axis=1).astype(self.dtype)

@@ -272,8 +272,17 @@ class Transformer(nnx.Module):
 
         if cfg.remat == "none":
             return run
-        return nnx.remat(run, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
-                         static_argnums=() if self._traced_sliding() else (2,))
+
+        def pure(graphdef, state, x, sliding, kv, rng):
+            return run(nnx.merge(graphdef, state), x, sliding, kv, rng)
+
+        checkpointed = jax.checkpoint(pure, policy=_REMAT[cfg.remat], prevent_cse=not cfg.scan_layers,
+                                      static_argnums=(0,) if self._traced_sliding() else (0, 3))
+
+        def rematerialised(layer, x, sliding, kv, rng):
+            return checkpointed(*nnx.split(layer), x, sliding, kv, rng)
+
+        return rematerialised
 
     def _scan_layers(self, run, x, cache, kv_seg, start, layer_rngs, ring=None):
         """Each run of stacked layers under `lax.scan` (a layer traces once per stack); returns x, the new

@@ -177,13 +177,16 @@ def load_model(cfg: RecipeConfig, mesh):
     """Tokenizer and model (added tokens, LoRA applied), placed on `mesh` by the sharding rules."""
     from jaxtune.hf.load import load_pretrained, load_tokenizer
     from jaxtune.lora.apply import apply_lora
+    from jaxtune.lora.quantize import quantize_base
     from jaxtune.train.vocab import prepare_vocab
 
     m = cfg.model
     tokenizer = load_tokenizer(m.tokenizer or m.path)
+    quantized = cfg.lora is not None and cfg.lora.quantize is not None
     model = load_pretrained(m.path, parse_dtype(m.dtype), mesh, param_dtype=parse_dtype(cfg.param_dtype),
                             allow_pickle=m.allow_pickle, scan_layers=m.scan_layers, remat=m.remat,
-                            attention_impl=m.attention_impl)
+                            attention_impl=m.attention_impl,
+                            prepare=(lambda model: quantize_base(model, cfg.lora)) if quantized else None)
     token_ids = prepare_vocab(model, tokenizer, m.add_special_tokens)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora, nnx.Rngs(cfg.train.seed))

@@ -80,6 +80,7 @@ class ParamReport:
     lora_modules: int
     lora_memory: dict[str, int]
     full_memory: dict[str, int]
+    qlora_memory: dict[str, int] | None = None  # the same LoRA with the base stored as `LoraConfig.quantize` asks
 
     @property
     def lora_fraction(self) -> float:
@@ -101,17 +102,29 @@ def _memory(trainable, frozen, opt) -> dict[str, int]:
 def param_report(model_config, cfg: LoraConfig, dtype=jnp.bfloat16, optim=None) -> ParamReport:
     """Counts and memory from abstract shapes only (no weights are read or allocated): base weights in
     `dtype`, LoRA in fp32, gradients in each trainable leaf's dtype, optimizer state exactly as
-    `train.optim.make_optimizer(optim)` would allocate it (default AdamW)."""
+    `train.optim.make_optimizer(optim)` would allocate it (default AdamW). With `cfg.quantize` the LoRA row is
+    the unquantized base and `qlora_memory` the base as `quantize_base` stores it (codes and scales: the bytes
+    `model.quant.quantized_nbytes` gives per weight). Parameters are counted as logical elements either way."""
+    from jaxtune.lora.quantize import quantize_base
     from jaxtune.model.transformer import Transformer
     from jaxtune.train.optim import OptimConfig, make_optimizer
 
     model_config = model_config.replace(scan_layers=False)
     opt = make_optimizer(optim or OptimConfig(), total_steps=1)
+    plain_cfg = dataclasses.replace(cfg, quantize=None)
+
+    def adapted(lcfg: LoraConfig):
+        def build():
+            model = Transformer(model_config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
+            if lcfg.quantize is not None:
+                quantize_base(model, lcfg)
+            return apply_lora(model, lcfg, nnx.Rngs(0))
+        return split_trainable(nnx.eval_shape(build), trainable_filter("lora"))[1:]
+
     base = nnx.eval_shape(lambda: Transformer(model_config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
-    adapted = nnx.eval_shape(lambda: apply_lora(
-        Transformer(model_config, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)), cfg, nnx.Rngs(0)))
-    _, lora_t, lora_f = split_trainable(adapted, trainable_filter("lora"))
+    lora_t, lora_f = adapted(plain_cfg)
     _, full_t, full_f = split_trainable(base, trainable_filter("full"))
     return ParamReport(base_params=count_params(nnx.state(base, nnx.Param)), lora_params=count_params(lora_t),
                        lora_modules=len(resolve_targets(cfg, base)), lora_memory=_memory(lora_t, lora_f, opt),
-                       full_memory=_memory(full_t, full_f, opt))
+                       full_memory=_memory(full_t, full_f, opt),
+                       qlora_memory=_memory(*adapted(cfg), opt) if cfg.quantize is not None else None)

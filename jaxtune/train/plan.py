@@ -146,11 +146,13 @@ def runtime_config(cfg: RecipeConfig, model_cfg: ModelConfig) -> ModelConfig:
 def abstract_model(cfg: RecipeConfig, model_cfg: ModelConfig):
     """The recipe's model (LoRA applied) with ShapeDtypeStruct leaves: no memory, no weights."""
     from jaxtune.lora.apply import apply_lora
+    from jaxtune.lora.quantize import quantize_base
 
     def build():
         model = Transformer(runtime_config(cfg, model_cfg), dtype=parse_dtype(cfg.model.dtype),
                             param_dtype=parse_dtype(cfg.param_dtype), rngs=nnx.Rngs(0))
         if cfg.lora is not None:
+            quantize_base(model, cfg.lora)
             apply_lora(model, cfg.lora, nnx.Rngs(0))
         return model
 
@@ -196,8 +198,10 @@ def topology_devices(name: str) -> list:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # read when libtpu first loads, below
     from jax.experimental import topologies
 
+    chips = name.rpartition(":")[2].split("x")
+    one_chip = {"chips_per_host_bounds": [1, 1, 1]} if all(c == "1" for c in chips) else {}  # libtpu's host: 2x2
     try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name, **one_chip).devices)
     except Exception as e:  # libtpu's own message names what it could not parse
         raise ConfigError(f"--topology {name}: libtpu cannot build this topology ({str(e).splitlines()[0]}); "
                           "expected a name like v5e:2x4 or v5p:2x2x2") from None

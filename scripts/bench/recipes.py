@@ -23,6 +23,7 @@ ARCHITECTURES = {
         "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192, "rope_theta": 100000.0,
         "tie_word_embeddings": True}),
     "llama3-8b-lora.yaml": ("LlamaConfig", LLAMA3_8B),
+    "llama3-8b-qlora.yaml": ("LlamaConfig", LLAMA3_8B),
     "llama3-70b-lora-v5p-64.yaml": ("LlamaConfig", LLAMA3_70B),
     "tpu-v5e-8-lora.yaml": ("LlamaConfig", {
         **LLAMA3_8B, "max_position_embeddings": 131072,
