@@ -5,7 +5,6 @@ Only safetensors by default (pickle `.bin` needs `allow_pickle=True`); remote co
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 from typing import Callable, Iterator
@@ -290,13 +289,7 @@ def _float_shape(shape, spec) -> tuple:
 
 def _quantize(arr: np.ndarray, spec) -> dict[str, np.ndarray]:
     """One checkpoint tensor quantized on the default device, its parts brought back to the host."""
-    parts = _quantize_jit(jnp.asarray(arr), spec)
-    return {k: np.asarray(v) for k, v in parts.items()}
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _quantize_jit(w, spec):
-    return quantize_weight(w, spec)
+    return {k: np.asarray(v) for k, v in quantize_weight(jnp.asarray(arr), spec).items()}
 
 
 def kept_tensors(model_dir: str | Path, fam: Family) -> list[Tensor]:

@@ -212,9 +212,11 @@ def _over_leading(fn, x, nlead: int):
     return fn(x)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def quantize_weight(w: Array, spec: QuantSpec) -> dict[str, Array]:
     """`{"weight": codes, <part>: …}` for `w[..., out, in]`, each matrix quantized on its own (as each HF tensor
-    is); stacked matrices go one at a time so the fp32 working copy is one matrix's."""
+    is); stacked matrices go one at a time so the fp32 working copy is one matrix's. Compiled once per shape
+    and spec: op by op it would take seconds per weight."""
     if spec.kind == "nf4" and w.shape[-1] % 2:
         raise ValueError(f"nf4 needs an even input size to pack two codes a byte, got a {w.shape} weight")
     one = functools.partial(_nf4_matrix if spec.kind == "nf4" else _int8_matrix, spec=spec)
