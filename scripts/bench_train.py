@@ -86,9 +86,10 @@ def _jax_model(s: dict, abstract: bool = False):
     if abstract:
         model = nnx.eval_shape(build)
     elif lcfg.quantize is not None:  # quantize real random weights (random codes would all be zero)
-        model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: quantize_base(Transformer(cfg, dtype=dtype, param_dtype=param_dtype,
+                                                                 rngs=nnx.Rngs(0)), lcfg))
         _fill_random(model)
-        adapt(model)
+        apply_lora(model, lcfg, nnx.Rngs(1))
     else:
         model = nnx.eval_shape(build)
         _fill_random(model)
@@ -119,15 +120,28 @@ def _random_leaf(key, shape: tuple, dtype, max_elems: int = 2**26):
 
 def _fill_random(model, seed: int = 0) -> None:
     """Give an abstract model random weights, each leaf drawn by one jitted op directly in its dtype, so an
-    8B bf16 model never holds an fp32 copy (it must fit a 24 GiB cap)."""
+    8B bf16 model never holds an fp32 copy (it must fit a 24 GiB cap); a quantized weight is drawn and
+    quantized on its own, so an 8B QLoRA base never exists in bf16 whole."""
     import jax
     from flax import nnx
 
-    state = nnx.state(model)
-    leaves, treedef = jax.tree.flatten(state)
+    from jaxtune.model.quant import is_companion, logical_shape, quantize_weight
+
+    flat = dict(nnx.to_flat_state(nnx.state(model)))
     draw = jax.jit(_random_leaf, static_argnums=(1, 2))
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    nnx.update(model, jax.tree.unflatten(treedef, [draw(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+    keys = iter(jax.random.split(jax.random.key(seed), len(flat)))
+    for path, var in flat.items():
+        spec = var.get_metadata().get("quant")
+        if spec is not None:  # a weight stored quantized: drawn in bf16 and quantized, one weight at a time
+            module = model
+            for k in path[:-1]:
+                module = module[k] if isinstance(k, int) else getattr(module, k)
+            shape = logical_shape(module, path[-1])
+            parts = quantize_weight(draw(next(keys), shape, jax.numpy.bfloat16), spec)
+            for part, value in parts.items():
+                flat[path if part == "weight" else (*path[:-1], f"{path[-1]}_{part}")].set_value(value)
+        elif not is_companion(var):
+            var.set_value(draw(next(keys), var.shape, var.dtype))
 
 
 def _counts(cfg, s: dict, trainable, frozen) -> dict:
@@ -137,7 +151,7 @@ def _counts(cfg, s: dict, trainable, frozen) -> dict:
     from jaxtune.train.metrics import train_flops_per_token
 
     n_train = count_params(trainable)
-    n_all = n_train + count_params(frozen)
+    n_all = n_train + (cfg.num_params() if s.get("quantize") else count_params(frozen))  # elements, not code bytes
     return dict(params=n_all, trainable=n_train, flops_per_token=train_flops_per_token(cfg, s["seq"], n_all, n_train))
 
 

@@ -75,6 +75,11 @@ step "train 1b full" 150 "$PY" scripts/bench_train.py --preset 1b --mode full --
 #    transformers+PEFT uncapped and without checkpointing (its fastest mode).
 step "train 8b lora (jaxtune capped at 24 GiB)" 170 "$PY" scripts/bench_train.py --preset 8b --mode lora --remat full \
   --mem-cap-gb 24 --out "$WORK/json"
+# 4b. The same shapes with an NF4 base (QLoRA) inside a 12 GiB cap (its memory goal). jaxtune's QLoRA needs qwix,
+#     pure Python: on a machine without it, carry its wheel (pip download qwix==0.1.8 --no-deps -d wheels).
+"$PY" -c "import qwix" 2>/dev/null || "$PY" -m pip install -q --no-deps --no-index wheels/qwix-*.whl >> "$LOG" 2>&1
+step "train 8b qlora nf4 (jaxtune capped at 12 GiB)" 170 "$PY" scripts/bench_train.py --preset 8b --mode lora \
+  --quantize nf4 --remat full --mem-cap-gb 12 --out "$WORK/json"
 # 5. Generation at batch 1 and 16 (goal: ≥ transformers generate).
 step "generate 1b" 100 "$PY" scripts/bench_generate.py --preset 1b --batches 1,16 --out "$WORK/json"
 # 6. The attention backends themselves, for default_impl on GPU.

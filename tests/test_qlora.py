@@ -166,7 +166,8 @@ def test_train_moves_adapters_only_and_lowers_loss(stories_dir, short_alpaca, tm
     one_batch = tmp_path / "four.json"  # every step sees the same 4 records: the loss falls step after step (the
     # first step's warm-up learning rate is 0)
     one_batch.write_text(json.dumps(json.loads(short_alpaca.read_text())[:4]))
-    result = loop.train(_recipe(stories_dir, one_batch, tmp_path / "run", data={"seq_len": 256}))
+    result = loop.train(_recipe(stories_dir, one_batch, tmp_path / "run", data={"seq_len": 256},
+                                output={"export": True}))
     assert result.step == 6 and result.skipped_steps == 0
     losses = result.losses
     assert all(b < a for a, b in zip(losses[1:], losses[2:])) and losses[-1] < losses[0] - 1.0, losses
@@ -179,6 +180,23 @@ def test_train_moves_adapters_only_and_lowers_loss(stories_dir, short_alpaca, tm
     for p in seen["quantized"]:
         assert after[p].dtype == before[p].dtype
         np.testing.assert_array_equal(after[p], before[p], err_msg=str(p))
+
+    # `jaxtune export --run` merges onto the base the run trained against (quantized again from its recipe), as
+    # the run's own export did; `--adapter` merges onto the float base, which differs.
+    from jaxtune.cli.main import main
+    from jaxtune.hf.safetensors import read_safetensors
+
+    run_merged = dict(read_safetensors(tmp_path / "run" / "export" / "merged" / "model.safetensors"))
+    for name, args in (("again", ["--run", str(tmp_path / "run")]),
+                       ("float", ["--adapter", str(tmp_path / "run" / "export" / "adapter")])):
+        assert main(["export", "--model", str(stories_dir), *args, "--out", str(tmp_path / name)]) == 0
+    again = dict(read_safetensors(tmp_path / "again" / "model.safetensors"))
+    on_float = dict(read_safetensors(tmp_path / "float" / "model.safetensors"))
+    assert again.keys() == run_merged.keys()
+    for name in run_merged:
+        np.testing.assert_array_equal(again[name], run_merged[name], err_msg=name)
+    assert not np.array_equal(on_float["model.layers.0.self_attn.q_proj.weight"],
+                              run_merged["model.layers.0.self_attn.q_proj.weight"])
 
 
 # ---------------------------------------------------------------------------------------------- memory

@@ -44,7 +44,8 @@ def test_every_recipe_is_short_and_has_an_architecture():
         assert len(p.read_text().splitlines()) <= 35, p.name
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+# The QLoRA recipe's compile is test_qlora_recipe_fits_one_16_gb_gpu's (with the attention a GPU would run).
+@pytest.mark.parametrize("recipe", [p for p in RECIPES if p.name != "llama3-8b-qlora.yaml"], ids=lambda p: p.stem)
 def test_recipe_compiles_on_its_mesh(recipe):
     import transformers
 
@@ -89,7 +90,8 @@ def test_qlora_recipe_fits_one_16_gb_gpu():
     plan, _ = lower_train_step(cfg, from_hf_config(getattr(transformers, cls)(**kw)), _mesh_for(cfg.mesh))
     assert plan.memory["peak_estimate"] <= 16 * 10**9, _gib(plan.memory["peak_estimate"])
     assert plan.memory["arguments"] < 7 * 2**30  # bf16 base alone: 15 GiB
-    assert plan.n_params == 8_030_261_248 and plan.batch_shape == (16, 1, 4096)
+    assert plan.n_params == 8_030_261_248 and 0 < plan.n_trainable < plan.n_params // 100
+    assert plan.batch_shape == (16, 1, 4096)
 
 
 def test_quickstart_trains_through_the_cli(assets_dir, tmp_path, monkeypatch, capsys):

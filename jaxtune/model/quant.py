@@ -31,9 +31,9 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Quantized(nnx.Param):
-    """A leaf of a quantized frozen weight: codes, scales or a codebook. A `Param` (frozen with the base),
-    told apart so reports count its bytes, not its elements, and nothing casts it to a float dtype. The codes
-    carry `quant` (the QuantSpec) in their metadata, the other leaves `quant_part` (their part name)."""
+    """A leaf of a quantized frozen weight: codes, scales or a codebook. A `Param` (frozen with the base), told
+    apart so target matching and export skip the scales and codebooks. The codes carry `quant` (the QuantSpec)
+    in their metadata, the other leaves `quant_part` (their part name)."""
 
 
 def is_companion(var) -> bool:
