@@ -167,7 +167,8 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh
     model_dir = Path(path)
     cfg = load_config(model_dir, **runtime)
     param_dtype = param_dtype or dtype
-    states = _bnb_states(model_dir, family(cfg.model_type), allow_pickle)
+    headers = weight_headers(model_dir, family(cfg.model_type), allow_pickle)  # all checked before any bytes
+    states = _bnb_states(model_dir, headers)
 
     def build():
         model = Transformer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))
@@ -178,7 +179,7 @@ def load_pretrained(path: str | Path, dtype=jnp.float32, mesh: jax.sharding.Mesh
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    filled = _fill(model_dir, cfg, flat, allow_pickle, lambda var: (
+    filled = _fill(model_dir, cfg, flat, list(headers), lambda var: (
         variable_sharding(var, mesh, rules) if mesh is not None else None), states)
     for p, var in flat.items():
         var.set_value(filled[p]) if hasattr(var, "set_value") else setattr(var, "value", filled[p])
@@ -191,10 +192,9 @@ def _check_shape(source, path: tuple, shape, want) -> None:
                               f"expects {tuple(want)}")
 
 
-def _bnb_states(model_dir: Path, fam: Family, allow_pickle: bool) -> dict[str, bnb.State]:
+def _bnb_states(model_dir: Path, headers: dict[Path, dict | None]) -> dict[str, bnb.State]:
     """The bitsandbytes quant state of every weight stored 4-bit (none for a float checkpoint); quantized tensors
     in a checkpoint whose config.json declares no quantization are refused."""
-    headers = weight_headers(model_dir, fam, allow_pickle)
     if bnb.quantization(model_dir) is not None:
         return bnb.read_states(list(headers))
     quantized = bnb.quantized_names(name for header in headers.values() for name in header or {})
@@ -204,7 +204,7 @@ def _bnb_states(model_dir: Path, fam: Family, allow_pickle: bool) -> dict[str, b
     return {}
 
 
-def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sharding_of,
+def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, files: list[Path], sharding_of,
           states: dict | None = None) -> dict[tuple, jax.Array]:
     """Every parameter of `flat` from the checkpoint, through the family's tensor table (transforms run on the
     host, per rule as soon as its tensors are read; scanned layers are stacked at the end). `states` names the
@@ -244,7 +244,6 @@ def _fill(model_dir: Path, cfg: ModelConfig, flat: dict, allow_pickle: bool, sha
                 _check_shape(source, nnx_path, arr.shape, flat[p].shape[1:])
                 stacked.setdefault(p, {})[layer] = np.asarray(arr)
 
-    files = list(weight_headers(model_dir, fam, allow_pickle))  # every header checked before any bytes are read
     for file, name, arr in _iter_tensors(files):
         if collector.claims(name):
             done = collector.add(file, name, arr)

@@ -264,7 +264,8 @@ def _adapter_vars(weight: nnx.Variable, a: Array, b: Array, rules, experts: bool
 
 
 def _placed(value: Array, var: nnx.Variable, like: nnx.Variable, rules) -> Array:
-    """Put a new adapter leaf on the base weight's mesh (if it is sharded) with its own logical axes."""
+    """Put a new leaf (an adapter, a quantized weight's part) on its base weight's mesh, if that is sharded, by
+    its own logical axes."""
     base = like[...]
     sharding = getattr(base, "sharding", None) if isinstance(base, jax.Array) and not isinstance(
         base, jax.core.Tracer) else None

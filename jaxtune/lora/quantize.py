@@ -7,7 +7,6 @@ whole base never exists.
 
 from __future__ import annotations
 
-import jax
 from flax import nnx
 
 from jaxtune.lora.apply import (
@@ -16,26 +15,13 @@ from jaxtune.lora.apply import (
     _hf_module,
     _layers_of,
     _linear_sites,
+    _placed,
     module_targets,
     parameter_targets,
 )
 from jaxtune.lora.config import LoraConfig, LoraConfigError
 from jaxtune.model.moe import EXPERT_PARAMETERS
 from jaxtune.model.quant import QuantSpec, quantize_param
-from jaxtune.model.sharding import variable_sharding
-
-
-def _placer(rules):
-    """Put a new quantized leaf on its weight's mesh (when the weight was sharded) by its own logical axes."""
-
-    def place(var, value):
-        sharding = getattr(value, "sharding", None) if isinstance(value, jax.Array) and not isinstance(
-            value, jax.core.Tracer) else None
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            return jax.device_put(value, variable_sharding(var, sharding.mesh, rules))
-        return value
-
-    return place
 
 
 def quantize_sites(model, cfg: LoraConfig) -> list[tuple[str, nnx.Module, str]]:
@@ -73,7 +59,8 @@ def quantize_base(model, cfg: LoraConfig, *, rules: dict | None = None):
         if getattr(module, f"{name}_quant", None) is not None:
             continue
         _check(label, module, name, spec)
-        quantize_param(module, name, spec, place=_placer(rules))
+        weight = getattr(module, name)
+        quantize_param(module, name, spec, place=lambda var, value, weight=weight: _placed(value, var, weight, rules))
     return model
 
 
