@@ -152,3 +152,119 @@ def test_independent_difference():
     assert d == stats.difference(a, b, n_boot=500, seed=1)
     assert stats.difference([1.0, 1.0], [1.0, 1.0]).value == 0.0
     assert stats.difference([], [1.0]).value is None
+
+
+# ------------------------------------------------------------------------------------------- several seeds
+
+def _seeded(rng, seeds, items, seed_sd, item_sd=1.0, noise_sd=0.5):
+    """values[s][i] = seed offset + item difficulty + noise: a crossed seeds × items design."""
+    return (rng.normal(0, seed_sd, size=(seeds, 1)) + rng.normal(0, item_sd, size=(1, items))
+            + rng.normal(0, noise_sd, size=(seeds, items)))
+
+
+def test_clustered_paired_difference_recovers_a_constant_shift():
+    rng = np.random.default_rng(0)
+    a = _seeded(rng, 4, 200, seed_sd=1.0)
+    e = stats.clustered_paired_difference(a, a + 0.3, n_boot=500)
+    assert (e.value, e.lo, e.hi) == pytest.approx((0.3, 0.3, 0.3))
+    assert (e.n, e.clusters, e.k, e.method) == (800, 4, None, "paired cluster bootstrap")
+    b = a + 0.3 + rng.normal(0, 0.2, size=a.shape)
+    e = stats.clustered_paired_difference(a, b, n_boot=500)
+    assert e.lo < 0.3 < e.hi and e.hi - e.lo < 0.1
+
+
+def test_clustered_mean_counts_seed_to_seed_variation():
+    rng = np.random.default_rng(1)
+    agree, disagree = _seeded(rng, 5, 100, seed_sd=0.0), _seeded(rng, 5, 100, seed_sd=2.0)
+    narrow, wide = stats.clustered_mean(agree, n_boot=500), stats.clustered_mean(disagree, n_boot=500)
+    assert narrow.lo < narrow.value < narrow.hi and wide.lo < wide.value < wide.hi
+    assert wide.hi - wide.lo > 3 * (narrow.hi - narrow.lo)
+    # Pooling every seed's items into one item-only bootstrap hides the seed offsets behind n = 500.
+    naive = stats.mean(disagree.ravel(), n_boot=500)
+    assert naive.value == pytest.approx(wide.value)
+    assert naive.hi - naive.lo < (wide.hi - wide.lo) / 3
+    assert (wide.n, wide.clusters, wide.method) == (500, 5, "cluster bootstrap")
+
+
+def test_clustered_with_one_seed_is_the_single_run_bootstrap():
+    rng = np.random.default_rng(2)
+    base, tuned = rng.random(60), rng.random(60)
+    one = stats.clustered_paired_difference([base], [tuned], n_boot=300, seed=4)
+    ref = stats.paired_difference(base, tuned, n_boot=300, seed=4)
+    assert one.value == pytest.approx(ref.value)
+    assert (one.lo, one.hi) == pytest.approx((ref.lo, ref.hi), abs=1e-12)
+    assert (one.n, one.clusters) == (60, 1)
+    m = stats.clustered_mean([base], n_boot=300, seed=4)
+    assert (m.value, m.lo, m.hi) == pytest.approx(tuple(getattr(stats.mean(base, n_boot=300, seed=4), f)
+                                                       for f in ("value", "lo", "hi")), abs=1e-12)
+
+
+def test_clustered_is_deterministic_in_seed_and_handles_degenerate_sizes():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((3, 40)), rng.random((3, 40))
+    first = stats.clustered_paired_difference(a, b, n_boot=200, seed=7)
+    assert first == stats.clustered_paired_difference(a.tolist(), b.tolist(), n_boot=200, seed=7)
+    assert first != stats.clustered_paired_difference(a, b, n_boot=200, seed=8)
+    empty = stats.clustered_mean([])
+    assert (empty.value, empty.n, empty.clusters) == (None, 0, 0)
+    assert stats.clustered_mean([[], []]).value is None and stats.clustered_mean([[], []]).clusters == 2
+    assert stats.clustered_mean([[2.5]]) == stats.Estimate(2.5, 2.5, 2.5, 1, None, "cluster bootstrap", 1)
+    assert set(stats.METHODS) >= {first.method, empty.method}
+
+
+def test_clustered_rejects_bad_shapes_and_values():
+    with pytest.raises(ValueError, match=r"a is 2 seeds × 3 items and b 3 × 3"):
+        stats.clustered_paired_difference([[1, 2, 3]] * 2, [[1, 2, 3]] * 3)
+    with pytest.raises(ValueError, match=r"a is 1 seeds × 3 items and b 1 × 2"):
+        stats.clustered_paired_difference([[1, 2, 3]], [[1, 2]])
+    with pytest.raises(ValueError, match="clustered_mean values: seed 1 has 2 items and seed 0 has 3"):
+        stats.clustered_mean([[1, 2, 3], [1, 2]])
+    with pytest.raises(ValueError, match="seed 1 item 0 is inf"):
+        stats.clustered_mean([[1, 2], [float("inf"), 2]])
+    with pytest.raises(ValueError, match="one sequence of per-item values per seed"):
+        stats.clustered_mean([1.0, 2.0])
+    with pytest.raises(ValueError, match="n_boot=0"):
+        stats.clustered_mean([[1.0]], n_boot=0)
+
+
+def test_clustered_to_dict_adds_clusters_and_round_trips():
+    e = stats.clustered_mean([[1.0, 2.0], [3.0, 4.0]], n_boot=50)
+    d = e.to_dict()
+    assert json.loads(json.dumps(d)) == d and d["clusters"] == 2 and d["n"] == 4
+    assert stats.Estimate(**d) == e and stats.fmt_mean(d, 1).endswith("n=4")
+    assert "clusters" not in stats.mean([1.0, 2.0], n_boot=50).to_dict()
+
+
+@pytest.mark.parametrize("df, t", [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (29, 2.0452)])
+def test_t_quantile_matches_tables(df, t):
+    assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=1e-4)
+
+
+def test_t_quantile_other_levels_and_limits():
+    assert stats.t_quantile(0.995, 10) == pytest.approx(3.1693, abs=1e-4)
+    assert stats.t_quantile(0.95, 5) == pytest.approx(2.0150, abs=1e-4)
+    assert stats.t_quantile(0.975, 10_000) == pytest.approx(1.95996, abs=1e-3)  # tends to the normal
+    for p, df in [(0.5, 3), (1.0, 3), (0.975, 0), (0.975, 2.5)]:
+        with pytest.raises(ValueError, match="t_quantile"):
+            stats.t_quantile(p, df)
+
+
+def test_prediction_interval_formula_and_errors():
+    lo, hi = stats.prediction_interval([1.0, 2.0, 3.0])
+    half = 4.3027 * 1.0 * np.sqrt(1 + 1 / 3)
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half), abs=1e-3)
+    assert stats.prediction_interval([5.0, 5.0]) == (5.0, 5.0)
+    with pytest.raises(ValueError, match="seed_values has 1 value"):
+        stats.prediction_interval([1.0])
+    with pytest.raises(ValueError, match="level=1.5"):
+        stats.prediction_interval([1.0, 2.0], level=1.5)
+
+
+def test_prediction_interval_covers_the_next_seed():
+    rng = np.random.default_rng(0)
+    draws = rng.normal(0.4, 0.05, size=(2000, 6))
+    hits = 0
+    for row in draws:
+        lo, hi = stats.prediction_interval(row[:5])
+        hits += lo <= row[5] <= hi
+    assert abs(hits / 2000 - 0.95) <= 0.025
