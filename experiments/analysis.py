@@ -413,7 +413,7 @@ def _plots(doc: dict, figs: dict, out: Path) -> dict[str, str]:
 
 COMMANDS = """\
 ```bash
-python experiments/study.py                          # everything: data, {n_runs} runs, memory, this page
+python experiments/study.py --results docs          # everything: data, {n_runs} runs, memory, this page
 python experiments/study.py --only foreign --seed 3  # one row's run again, bit-identical to the study's
 python experiments/study.py --quick --out /tmp/q     # the reduced grid the test suite runs (under a minute)
 python experiments/memory.py                         # the real-shape memory table alone

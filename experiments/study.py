@@ -1,6 +1,6 @@
 """The study behind docs/results.md: the practice's claims measured on the bundled stories260K model.
 
-    python experiments/study.py                       # the whole study (data, every arm and seed, memory, report)
+    python experiments/study.py --results docs        # the whole study (data, every arm and seed, memory, page)
     python experiments/study.py --quick --out DIR     # the reduced grid the test suite runs
     python experiments/study.py --only foreign --seed 3   # one row's run again (bit-identical to the study's)
 
@@ -423,9 +423,9 @@ class Jobs:
             if j not in todo:
                 self.log(f"  {j['name']}: up to date ({self.final(j).name})")
         started, running, free = time.perf_counter(), [], list(range(max(self.jobs, 1)))
-        total, finished = len(todo), 0
-        while todo or running:
-            while todo and free and len(running) < max(self.jobs, 1):
+        total, finished, failed = len(todo), 0, None
+        while (todo and failed is None) or running:
+            while todo and failed is None and free and len(running) < max(self.jobs, 1):
                 job = todo.pop(0)
                 tmp = self.final(job).with_name(self.final(job).name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -434,25 +434,29 @@ class Jobs:
                 if self.jobs == 0:
                     t0 = time.perf_counter()
                     execute(spec)
-                    running.append((job, None, None, tmp, t0))
+                    running.append((job, None, None, tmp, t0, None))
                 else:
                     cpu = free.pop(0)
                     log = open(tmp / "log.txt", "w")
                     env = {**os.environ, "JAXTUNE_STUDY_CPU": str(cpu), "TQDM_DISABLE": "1"}
                     proc = subprocess.Popen([sys.executable, str(Path(__file__)), "--execute", str(spec)],
                                             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-                    running.append((job, proc, cpu, tmp, time.perf_counter()))
+                    running.append((job, proc, cpu, tmp, time.perf_counter(), log))
             for item in list(running):
-                job, proc, cpu, tmp, t0 = item
+                job, proc, cpu, tmp, t0, log = item
                 if proc is not None and proc.poll() is None:
                     continue
                 running.remove(item)
+                if log is not None:
+                    log.close()
                 if cpu is not None:
                     free.append(cpu)
                 if proc is not None and proc.returncode != 0:
+                    # The runs in flight beside it finish and are kept; nothing new starts.
                     tail = (tmp / "log.txt").read_text().strip().splitlines()[-1:] or ["(no output)"]
-                    raise SystemExit(f"study: {job['name']} failed (exit {proc.returncode}): {tail[0]}; "
-                                     f"its log is {tmp / 'log.txt'}")
+                    failed = failed or (f"study: {job['name']} failed (exit {proc.returncode}): {tail[0]}; "
+                                        f"its log is {tmp / 'log.txt'}")
+                    continue
                 final = self.final(job)
                 shutil.rmtree(final, ignore_errors=True)
                 tmp.rename(final)
@@ -463,6 +467,8 @@ class Jobs:
                          "left)")
             if running and self.jobs:
                 time.sleep(0.5)
+        if failed:
+            raise SystemExit(failed)
 
 
 def job(kind: str, name: str, root: Path, key: dict, **fields) -> dict:
