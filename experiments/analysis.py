@@ -10,11 +10,12 @@ Each figure names the runs it comes from; `runs` holds each run dir and the sha2
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 from pathlib import Path
+
+from jaxtune.pipeline.manifest import file_sha256
 
 SCHEMA = 1
 HIGHER = {"satisfied": True, "followed": True, "format": True, "ignored": False, "finished": True,
@@ -50,15 +51,11 @@ def higher(metric: str) -> bool | None:
     return HIGHER["followed" if metric.startswith(KIND_PREFIX) else metric]
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def _load(jobs: list[dict], base_dir: str) -> tuple[dict, dict, dict]:
     """{arm: {seed: items}}, the base's items, and the runs table (name -> dir, sha256, arm, seed)."""
     arms, runs = {}, {}
     base = json.loads((Path(base_dir) / "result.json").read_text())
-    runs["base"] = {"dir": Path(base_dir).name, "sha256": sha256(Path(base_dir) / "result.json"), "arm": "base",
+    runs["base"] = {"dir": Path(base_dir).name, "sha256": file_sha256(Path(base_dir) / "result.json"), "arm": "base",
                     "seed": None}
     for j in jobs:
         if "rerun" in j["name"]:
@@ -67,7 +64,7 @@ def _load(jobs: list[dict], base_dir: str) -> tuple[dict, dict, dict]:
         doc = json.loads(path.read_text())
         arm, seed = j["name"].split("/s")[0], j["seed"]
         arms.setdefault(arm, {})[seed] = doc
-        runs[j["name"]] = {"dir": f"{Path(j['dir']).parent.name}/{Path(j['dir']).name}", "sha256": sha256(path),
+        runs[j["name"]] = {"dir": f"{Path(j['dir']).parent.name}/{Path(j['dir']).name}", "sha256": file_sha256(path),
                            "arm": arm, "seed": seed}
     return arms, base, runs
 
@@ -328,10 +325,6 @@ def cell(f: dict, change: bool = False) -> str:
     if m == "tokens":
         return _num(f, 1) if not change else f"{f['value']:+.1f} [{f['lo']:+.1f}, {f['hi']:+.1f}]"
     return _pct(f, points=change)
-
-
-def _n(f: dict) -> str:
-    return f"{f['n']}" + (f" ({f['clusters']} seeds)" if f.get("clusters") else "")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -611,7 +604,7 @@ def trace(results: Path, study_dir: Path) -> list[str]:
         path = study_dir / "runs" / run["dir"]
         if not (path / "result.json").is_file():
             problems.append(f"{name}: run dir {path} is missing")
-        elif sha256(path / "result.json") != run["sha256"]:
+        elif file_sha256(path / "result.json") != run["sha256"]:
             problems.append(f"{name}: {path}/result.json does not hash to {run['sha256'][:12]}")
     for f in doc["figures"]:
         missing = [r for r in f["runs"] if r not in doc["runs"]]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import random
@@ -40,6 +39,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
+from jaxtune.pipeline.manifest import digest, file_sha256  # noqa: E402  (no jax: workers pin a core first)
+
 GRID = HERE / "study.yaml"
 RUN_FORMAT = 1  # part of every run's hash: bump it when what a run computes changes
 MODEL = "models/stories260K-hf"
@@ -48,18 +49,6 @@ STOP = "<s>"
 
 
 # --------------------------------------------------------------------------------------------- small helpers
-
-def digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def file_sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def write_json(path: Path, obj) -> Path:
     from jaxtune.files import write_text_atomic
@@ -92,8 +81,8 @@ def code_identity() -> str:
     the recipes and RUN_FORMAT. A change to any of them re-runs everything; report-only edits do not."""
     from jaxtune.pipeline.manifest import code_identity as jaxtune_code
 
-    own = {"arms.py": file_sha(HERE / "arms.py"), "run_format": RUN_FORMAT}
-    own.update({f"recipes/{p.name}": file_sha(p) for p in sorted((HERE / "recipes").glob("*.yaml"))})
+    own = {"arms.py": file_sha256(HERE / "arms.py"), "run_format": RUN_FORMAT}
+    own.update({f"recipes/{p.name}": file_sha256(p) for p in sorted((HERE / "recipes").glob("*.yaml"))})
     return digest({"jaxtune": jaxtune_code()["sources_sha256"], "experiments": own})
 
 
@@ -191,7 +180,7 @@ def build_sets(grid: dict, base: Base, samples: list[dict], out: Path) -> dict:
     files = {}
     for name, records in sets.items():
         path = write_jsonl(out / f"{name}.jsonl", records)
-        files[name] = {"path": str(path.relative_to(out)), "sha256": file_sha(path), "records": len(records)}
+        files[name] = {"path": str(path.relative_to(out)), "sha256": file_sha256(path), "records": len(records)}
     n_passed = sum(r["passed"] for r in samples)
     return {"files": files, "noise": compositions,
             "pool": {"tasks": len({r["key"] for r in samples}), "samples": len(samples), "passed": n_passed,
@@ -374,7 +363,7 @@ def run_arm(job: dict) -> dict:
     doc = evaluate(job["grid"], base, model, sets)
     doc["train"] = {"steps": result.step, "first_loss": result.losses[0], "last_loss": result.losses[-1],
                     "seconds": round(train_s, 1), "trainable": trainable_count(out / "train", model),
-                    "merged_sha256": file_sha(merged / "model.safetensors")}
+                    "merged_sha256": file_sha256(merged / "model.safetensors")}
     shutil.rmtree(out / "train" / "checkpoints", ignore_errors=True)  # the merged export is what is evaluated
     return doc
 
